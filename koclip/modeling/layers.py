@@ -1,0 +1,62 @@
+"""Pieces shared by the encoders: activations, attention math, layer norm."""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-mean^2, which loses
+    # precision on activations with a large mean.
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def split_heads(x, num_heads: int):
+    b, t, d = x.shape
+    return x.reshape(b, t, num_heads, d // num_heads)
+
+
+def dot_product_attention(q, k, v, bias, dropout_rng=None, dropout_rate=0.0, deterministic=True):
+    """q, k, v: [B, T, H, Dh]; bias: additive, broadcastable to [B, H, Tq, Tk] or None.
+
+    Softmax runs in float32 whatever the compute dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = jax.nn.softmax(scores, axis=-1)
+    if not deterministic and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def padding_bias(mask):
+    """[B, T] 1/0 attention mask -> additive bias [B, 1, 1, T] in float32."""
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
