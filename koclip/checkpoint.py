@@ -1,0 +1,390 @@
+"""Checkpoints: our own format, import of HF safetensors weights, and the model fingerprint.
+
+A checkpoint is a directory (local or any fsspec URL, e.g. gs://) holding
+  config.json          HybridCLIPConfig (FlaxHybridCLIP's layout plus our fields)
+  flax_model.msgpack   the parameter tree, flax msgpack, FlaxHybridCLIP's names
+  tokenizer files      whatever `PreTrainedTokenizer.save_pretrained` writes
+The checkpoints that KoCLIP and clip-italian published have the same two model files, so they
+load as they are.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+
+import fsspec
+import fsspec.implementations.local
+import jax
+import numpy as np
+from flax import serialization
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from koclip.config import ConfigError, HybridCLIPConfig, TextConfig, VisionConfig
+from koclip.modeling import KoCLIP
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "flax_model.msgpack"
+HF_WEIGHTS_NAME = "model.safetensors"
+HF_PREPROCESSOR_NAME = "preprocessor_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+    "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit its config."""
+
+
+@dataclass
+class Checkpoint:
+    config: HybridCLIPConfig
+    params: dict
+    path: str | None = None  # where it was loaded from; tokenizer files are read from here
+    tokenizer_dir: str | None = None  # where tokenizer files come from when it was built, not loaded
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.config, self.params)
+
+    def model(self, dtype: str = "float32") -> KoCLIP:
+        return KoCLIP(self.config, dtype)
+
+    def tokenizer(self):
+        from koclip.processing import load_tokenizer
+
+        source = self.tokenizer_dir or self.path
+        if source is None:
+            raise CheckpointError("this checkpoint has no tokenizer files")
+        return load_tokenizer(source)
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _join(path: str, name: str) -> str:
+    return posixpath.join(path.rstrip("/"), name) if "://" in path else os.path.join(path, name)
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Write so that a reader never sees a half-written file under its final name.
+
+    Local files go to a temporary name and are renamed; object stores (gs://, memory://)
+    already publish an object only when its upload completes, and their "rename" is a copy.
+    """
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs._parent(fs_path), exist_ok=True)
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        fs.pipe_file(fs_path, data)
+        return
+    tmp = f"{fs_path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, fs_path)
+
+
+def _exists(path: str) -> bool:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    return fs.exists(fs_path)
+
+
+def require_dir(path: str, what: str = "checkpoint directory") -> None:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.isdir(fs_path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+# ---------------------------------------------------------------- params
+
+
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {"/".join(k): tuple(v.shape) for k, v in flatten_dict(tree).items()}
+
+
+def check_params(config: HybridCLIPConfig, params: dict, where: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = flat_shapes(KoCLIP(config).param_shapes())
+    found = flat_shapes(params)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = [f"{k} (has {list(found[k])}, config wants {list(expected[k])})"
+                 for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{where} does not fit its config; " + "; ".join(problems))
+
+
+def _as_float32(params: dict) -> dict:
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
+        params,
+    )
+
+
+def fingerprint(config: HybridCLIPConfig, params: dict) -> str:
+    """A stable hash of the config and every parameter (name, dtype, shape, bytes); 16 hex digits."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for key, value in sorted(flatten_dict(params, sep="/").items()):
+        arr = np.ascontiguousarray(np.asarray(value))
+        h.update(f"{key}|{arr.dtype.str}|{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- our format
+
+
+def save_checkpoint(path: str, config: HybridCLIPConfig, params: dict, tokenizer=None,
+                    tokenizer_dir: str | None = None) -> str:
+    """Write config.json, flax_model.msgpack and tokenizer files (from a tokenizer object or a dir)."""
+    params = jax.device_get(params)
+    _write_bytes(_join(path, WEIGHTS_NAME), serialization.msgpack_serialize(params))
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            _copy_files(tmp, path, os.listdir(tmp))
+    elif tokenizer_dir is not None:
+        _copy_files(tokenizer_dir, path, TOKENIZER_FILES)
+    # config.json last: a directory with a config is a complete checkpoint.
+    _write_bytes(_join(path, CONFIG_NAME), config.to_json().encode())
+    return path
+
+
+def _copy_files(src_dir: str, dst_dir: str, names) -> None:
+    for name in names:
+        src = _join(src_dir, name)
+        if _exists(src):
+            _write_bytes(_join(dst_dir, name), _read_bytes(src))
+
+
+def load_config(path: str) -> HybridCLIPConfig:
+    require_dir(path)
+    raw = _read_bytes(_join(path, CONFIG_NAME))
+    try:
+        return HybridCLIPConfig.from_json(raw.decode())
+    except (json.JSONDecodeError, ConfigError, TypeError) as e:
+        raise CheckpointError(f"{_join(path, CONFIG_NAME)}: {e}") from None
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Load our checkpoints and the published FlaxHybridCLIP ones; params become float32 numpy."""
+    config = load_config(path)
+    weights = _join(path, WEIGHTS_NAME)
+    try:
+        params = serialization.msgpack_restore(_read_bytes(weights))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # msgpack raises several unrelated types on a damaged file
+        raise CheckpointError(f"{weights} is not a flax msgpack file: {e}") from None
+    if set(params) == {"params"}:
+        params = params["params"]
+    params = _as_float32(params)
+    check_params(config, params, where=weights)
+    return Checkpoint(config, params, path=path)
+
+
+# ---------------------------------------------------------------- HF safetensors import
+
+
+def _read_json(path: str) -> dict:
+    return json.loads(_read_bytes(path).decode())
+
+
+def _read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    path = _join(hf_dir, HF_WEIGHTS_NAME)
+    if not _exists(path):
+        raise FileNotFoundError(
+            f"no {HF_WEIGHTS_NAME} in {hf_dir} (only safetensors weights are imported; convert "
+            "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))"
+        )
+    return load(_read_bytes(path))
+
+
+def _torch_to_flax(tensors: dict[str, np.ndarray], expected: dict[str, tuple], roots: tuple[str, ...]):
+    """Rename and re-layout PyTorch tensors into our tree, guided by the expected flat shapes.
+
+    Linear [out, in] -> kernel [in, out]; Conv [out, in, kh, kw] -> kernel [kh, kw, in, out];
+    LayerNorm weight -> scale; Embedding weight -> embedding; other tensors keep their name.
+    Tensors outside `roots` (task heads, position-id buffers, the other tower of a CLIPModel)
+    are skipped.
+    """
+    out = {}
+    for name, value in tensors.items():
+        path = name.replace(".", "/")
+        if not path.startswith(roots):
+            continue
+        stem, _, leaf = path.rpartition("/")
+        if leaf in ("weight", "gamma") and f"{stem}/kernel" in expected:
+            value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+            out[f"{stem}/kernel"] = value
+        elif leaf in ("weight", "gamma") and f"{stem}/scale" in expected:
+            out[f"{stem}/scale"] = value
+        elif leaf == "weight" and f"{stem}/embedding" in expected:
+            out[f"{stem}/embedding"] = value
+        elif leaf == "beta" and f"{stem}/bias" in expected:
+            out[f"{stem}/bias"] = value
+        elif path in expected:
+            out[path] = value
+    return out
+
+
+def _strip_prefix(tensors: dict, prefixes: tuple[str, ...]) -> dict:
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in tensors):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return tensors
+
+
+def _fit(converted: dict, expected: dict, source: str, may_init: tuple[str, ...] = ()) -> dict:
+    """Check converted tensors against the expected shapes; fill `may_init` keys if absent."""
+    missing = sorted(set(expected) - set(converted))
+    fillable = [k for k in missing if k.startswith(may_init)]
+    if fillable:
+        log.warning("%s has no %s; initialising them randomly", source, ", ".join(fillable))
+        rng = np.random.default_rng(0)
+        for k in fillable:
+            converted[k] = (rng.normal(0, 0.02, expected[k]) if k.endswith("kernel")
+                            else np.zeros(expected[k])).astype(np.float32)
+    misshaped = [f"{k} (has {list(converted[k].shape)}, config wants {list(expected[k])})"
+                 for k in sorted(expected) if k in converted and tuple(converted[k].shape) != expected[k]]
+    missing = [k for k in missing if k not in fillable]
+    if missing or misshaped:
+        parts = ([f"missing: {', '.join(missing[:8])}"] if missing else []) + (
+            [f"mis-shaped: {', '.join(misshaped[:8])}"] if misshaped else [])
+        raise CheckpointError(f"{source} does not fit its config.json; " + "; ".join(parts))
+    return unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in converted.items()})
+
+
+def _tower_shapes(config: HybridCLIPConfig, tower: str) -> dict[str, tuple]:
+    shapes = flat_shapes(KoCLIP(config).param_shapes()[tower])
+    return shapes
+
+
+def import_text_encoder(hf_dir: str) -> tuple[TextConfig, dict]:
+    """A transformers BERT/RoBERTa directory (config.json + model.safetensors) -> (config, params)."""
+    require_dir(hf_dir, "text checkpoint directory")
+    raw = _read_json(_join(hf_dir, CONFIG_NAME))
+    try:
+        text_config = TextConfig.from_dict(raw)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{hf_dir}: {e}") from None
+    probe = HybridCLIPConfig(text_config=text_config, vision_config=_TINY_VISION)
+    expected = _tower_shapes(probe, "text_model")
+    tensors = _strip_prefix(_read_safetensors(hf_dir), ("bert.", "roberta.", "model."))
+    converted = _torch_to_flax(tensors, expected, ("embeddings/", "encoder/", "pooler/"))
+    # Masked-LM checkpoints ship without the pooler; transformers initialises it too.
+    return text_config, _fit(converted, expected, _join(hf_dir, HF_WEIGHTS_NAME), may_init=("pooler/",))
+
+
+@dataclass
+class ImportedVision:
+    config: VisionConfig
+    params: dict
+    projection: np.ndarray | None  # CLIP's own visual_projection kernel [hidden, proj], if present
+    preprocessing: dict  # image_mean / image_std / image_resize found in preprocessor_config.json
+
+
+def import_vision_encoder(hf_dir: str) -> ImportedVision:
+    """A transformers CLIP (full or vision-only) or ViT directory -> our vision tree."""
+    require_dir(hf_dir, "vision checkpoint directory")
+    raw = _read_json(_join(hf_dir, CONFIG_NAME))
+    try:
+        vision_config = VisionConfig.from_dict(raw)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{hf_dir}: {e}") from None
+    probe = HybridCLIPConfig(text_config=_TINY_TEXT, vision_config=vision_config)
+    expected = _tower_shapes(probe, "vision_model")
+    tensors = _read_safetensors(hf_dir)
+    projection = None
+    if vision_config.model_type == "clip_vision_model":
+        if not any(k.startswith("vision_model.") for k in tensors):
+            # transformers 5 saves a bare CLIPVisionModel without the vision_model. prefix.
+            tensors = {f"vision_model.{k}": v for k, v in tensors.items()}
+        if "vision_model.visual_projection.weight" in tensors:
+            tensors["visual_projection.weight"] = tensors.pop("vision_model.visual_projection.weight")
+        if "visual_projection.weight" in tensors:
+            projection = np.asarray(tensors["visual_projection.weight"], np.float32).T
+        converted = _torch_to_flax(tensors, expected, ("vision_model/",))
+        may_init: tuple[str, ...] = ()
+    else:
+        tensors = _strip_prefix(tensors, ("vit.",))
+        converted = _torch_to_flax(tensors, expected, ("embeddings/", "encoder/", "layernorm/", "pooler/"))
+        may_init = ("pooler/",)  # ViTForImageClassification has no pooler
+    params = _fit(converted, expected, _join(hf_dir, HF_WEIGHTS_NAME), may_init=may_init)
+    return ImportedVision(vision_config, params, projection, _read_preprocessing(hf_dir))
+
+
+def _read_preprocessing(hf_dir: str) -> dict:
+    path = _join(hf_dir, HF_PREPROCESSOR_NAME)
+    if not _exists(path):
+        return {}
+    raw = _read_json(path)
+    found = {k: tuple(raw[k]) for k in ("image_mean", "image_std") if k in raw}
+    size = raw.get("size")
+    if isinstance(size, dict) and "shortest_edge" in size:
+        found["image_resize"] = int(size["shortest_edge"])
+    elif isinstance(size, int):
+        found["image_resize"] = size
+    return found
+
+
+_TINY_TEXT = TextConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                        intermediate_size=8, max_position_embeddings=8)
+_TINY_VISION = VisionConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                            image_size=8, patch_size=8)
+
+
+def build_hybrid(text_dir: str, vision_dir: str, projection_dim: int | None = None,
+                 reuse_clip_projection: bool = True, seed: int = 0, **config_fields) -> Checkpoint:
+    """A new hybrid model from two transformers checkpoint directories, as FlaxHybridCLIP did.
+
+    Projections are new (normal(0.02)), except that a CLIP vision tower's own visual projection
+    is reused when `reuse_clip_projection` and the projection sizes agree. projection_dim
+    defaults to the CLIP projection size, else 512.
+    """
+    text_config, text_params = import_text_encoder(text_dir)
+    vision = import_vision_encoder(vision_dir)
+    if projection_dim is None:
+        projection_dim = vision.projection.shape[1] if vision.projection is not None else 512
+    fields = {**vision.preprocessing, **config_fields}
+    config = HybridCLIPConfig(text_config=text_config, vision_config=vision.config,
+                              projection_dim=projection_dim, **fields)
+    rng = np.random.default_rng(seed)
+    new_projection = lambda rows: rng.normal(0.0, 0.02, (rows, projection_dim)).astype(np.float32)
+    visual = new_projection(vision.config.hidden_size)
+    if reuse_clip_projection and vision.projection is not None:
+        if vision.projection.shape[1] != projection_dim:
+            raise CheckpointError(
+                f"CLIP's visual projection has size {vision.projection.shape[1]}, not projection_dim "
+                f"{projection_dim}; pass that size, or do not reuse CLIP's projection")
+        visual = vision.projection
+    params = {
+        "text_model": text_params,
+        "vision_model": vision.params,
+        "text_projection": {"kernel": new_projection(text_config.hidden_size)},
+        "visual_projection": {"kernel": visual},
+        "logit_scale": np.asarray(config.logit_scale_init, np.float32),
+    }
+    check_params(config, params, where="the built hybrid model")
+    return Checkpoint(config, params, tokenizer_dir=text_dir)

@@ -1,0 +1,70 @@
+"""Shared fixtures: small checkpoints, and a GCS API emulator on 127.0.0.1 for gs:// paths."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+# gcsfs otherwise probes for a gRPC endpoint and waits ~60 s per call against an emulator.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"GCS emulator exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            try:  # doubles as the pause between attempts and the check for an early exit
+                proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+    raise RuntimeError("GCS emulator did not start listening in time")
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A gcp-storage-emulator server on loopback; yields its URL and points gcsfs at it."""
+    pytest.importorskip("gcp_storage_emulator", reason="pip install -e '.[dev]' brings the GCS emulator")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--in-memory", "--default-bucket", "koclip-test"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, proc)
+        url = f"http://127.0.0.1:{port}"
+        old = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = url
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, request):
+    """A fresh gs:// prefix in the emulator's bucket, unique to the test."""
+    import gcsfs
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")
+    return f"gs://koclip-test/{name}-{time.monotonic_ns()}"
