@@ -231,12 +231,25 @@ def load_tokenizer(path: str | os.PathLike):
     if not _is_remote(path):
         local_dir = path[len("file://"):] if path.startswith("file://") else path
         _check_tokenizer_dir(local_dir, path)
-        return AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
+        return _from_pretrained(AutoTokenizer, local_dir)
     with tempfile.TemporaryDirectory(prefix="koclip-tokenizer-") as local_dir:
         _copy_tokenizer_files(path, local_dir)
         _check_tokenizer_dir(local_dir, path)
-        tokenizer = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
+        tokenizer = _from_pretrained(AutoTokenizer, local_dir)
     return tokenizer
+
+
+def _from_pretrained(auto_tokenizer, local_dir: str):
+    # A checkpoint directory's config.json is a hybrid-clip config, which transformers reads
+    # and warns about while it looks for the tokenizer class; the warning means nothing here.
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return auto_tokenizer.from_pretrained(local_dir, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:

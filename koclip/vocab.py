@@ -29,7 +29,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 1000, min_frequency:
                                                 strip_accents=False, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS,
+                                        special_tokens=SPECIAL_TOKENS, show_progress=False,
                                         initial_alphabet=list(string.ascii_lowercase + string.digits + string.punctuation))
     tok.train_from_iterator(texts, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
