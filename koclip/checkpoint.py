@@ -13,17 +13,15 @@ import hashlib
 import json
 import logging
 import os
-import posixpath
 import tempfile
 from dataclasses import dataclass
 
-import fsspec
-import fsspec.implementations.local
 import jax
 import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from koclip import fs
 from koclip.config import ConfigError, HybridCLIPConfig, TextConfig, VisionConfig
 from koclip.modeling import KoCLIP
 
@@ -69,43 +67,12 @@ class Checkpoint:
 # ---------------------------------------------------------------- paths
 
 
-def _join(path: str, name: str) -> str:
-    return posixpath.join(path.rstrip("/"), name) if "://" in path else os.path.join(path, name)
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    """Write so that a reader never sees a half-written file under its final name.
-
-    Local files go to a temporary name and are renamed; object stores (gs://, memory://)
-    already publish an object only when its upload completes, and their "rename" is a copy.
-    """
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    fs.makedirs(fs._parent(fs_path), exist_ok=True)
-    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        fs.pipe_file(fs_path, data)
-        return
-    tmp = f"{fs_path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, fs_path)
-
-
-def _exists(path: str) -> bool:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    return fs.exists(fs_path)
+# Kept under their old private names for callers inside this module.
+_join, _read_bytes, _write_bytes, _exists = fs.join, fs.read_bytes, fs.write_bytes, fs.exists
 
 
 def require_dir(path: str, what: str = "checkpoint directory") -> None:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if not fs.isdir(fs_path):
+    if not fs.is_dir(path):
         raise FileNotFoundError(f"{what} not found: {path}")
 
 
