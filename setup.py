@@ -14,6 +14,8 @@ CORE = [
     "pillow>=11",
     "fsspec>=2025.1",
     "tqdm>=4.66",
+    "matplotlib>=3.9",  # training curves
+    "emoji>=2.14",  # Korean emoji names for the emoji-ko sample dataset
 ]
 PIPELINE = ["apache-beam>=2.77", "pyarrow>=18", "faiss-cpu>=1.12"]
 GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77"]

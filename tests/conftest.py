@@ -68,3 +68,15 @@ def gcs_bucket(gcs_emulator, request):
     gcsfs.GCSFileSystem.clear_instance_cache()
     name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")
     return f"gs://koclip-test/{name}-{time.monotonic_ns()}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """Keep what tests build (tokenizers, tiny models) out of the user's ~/.cache/koclip."""
+    old = os.environ.get("KOCLIP_CACHE")
+    os.environ["KOCLIP_CACHE"] = str(tmp_path_factory.mktemp("koclip-cache"))
+    yield
+    if old is None:
+        os.environ.pop("KOCLIP_CACHE", None)
+    else:
+        os.environ["KOCLIP_CACHE"] = old

