@@ -18,6 +18,8 @@ CORE = [
     "emoji>=2.14",  # Korean emoji names for the emoji-ko sample dataset
 ]
 PIPELINE = ["apache-beam>=2.77", "pyarrow>=18", "faiss-cpu>=1.12"]
+# Korean text shipped in konlpy trains the demo model's WordPiece vocabulary (data files only).
+DEMO = ["konlpy>=0.6"]
 GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77"]
 DEV = [
     "pytest>=8",
@@ -35,6 +37,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["koclip", "koclip.*", "pipelines", "pipelines.*", "jobs", "jobs.*"]),
     install_requires=CORE + PIPELINE,
-    extras_require={"gcs": GCS, "dev": DEV + GCS},
+    extras_require={"gcs": GCS, "demo": DEMO, "dev": DEV + DEMO + GCS},
     entry_points={"console_scripts": ["koclip=koclip.cli:main"]},
 )

