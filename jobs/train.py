@@ -201,6 +201,8 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
             raise ValueError("no model to start from: give --init DIR or a preset that builds one")
         ckpt = source
     config, tokenizer = ckpt.config, ckpt.tokenizer()
+    if not resume:  # --out is a loadable checkpoint (with its tokenizer) from the start
+        checkpoint.save_checkpoint(cfg.out, config, ckpt.params, tokenizer=tokenizer)
     fs.write_bytes(fs.join(cfg.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=2).encode())
     model = KoCLIP(config, cfg.dtype)
     mesh = data_mesh()
