@@ -1,0 +1,33 @@
+"""Smoke test of the encoder benchmark: a --quick run writes the expected rows (no speed assertions)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def test_quick_run_writes_all_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
+    from bench import encoders
+
+    out = tmp_path / "results" / "x.json"
+    encoders.main(["--quick", "--out", str(out)])
+
+    data = json.loads(out.read_text())
+    rows = {(r["tower"], r["framework"], r["dtype"]): r for r in data["rows"]}
+    assert set(rows) == {(tower, framework, dtype) for tower in ("image", "text")
+                         for framework in ("ours (flax)", "transformers (torch)")
+                         for dtype in ("float32", "bfloat16")}
+    for (tower, framework, dtype), row in rows.items():
+        assert row["items_per_s"] > 0 and row["ms_per_batch"] > 0 and row["gflop_per_item"] > 0
+        assert row["pct_of_matmul_peak"] > 0
+        assert (row["compile_s"] is not None) == framework.startswith("ours")
+        assert ("ratio_ours_over_torch" in row) == framework.startswith("ours")
+    assert all(v > 0 for v in data["matmul_peak_gflops"]["by_dtype"].values())
+    assert data["machine"]["cores_available"] >= 1 and data["machine"]["torch"]
+    assert data["threads"]["torch_intra_op"] == data["machine"]["cores_available"]
+    assert "ours/torch" in capsys.readouterr().out
