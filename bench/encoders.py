@@ -16,11 +16,12 @@ reported (the median is in the JSON), so load from other processes hurts both al
 dtype in either framework, measured at the start and at the end of the run. XLA_FLAGS from the
 environment apply and are recorded.
 
-bfloat16: ours keeps the float32 params (as checkpoints load) and casts inside jit; torch
-converts the module with .to(torch.bfloat16). XLA:CPU upcasts a bf16 x bf16 -> bf16 dot to
-float32 (compare "jax bfloat16" with "jax bfloat16->f32" in the matmul peaks); none of the
-documented XLA:CPU flags tried (oneDNN/XNNPACK/YNNPACK fusion types, xla_cpu_use_onednn,
-xla_allow_excess_precision) changes that. Dots that ask for a float32 result do run in bf16.
+bfloat16: both sides convert their weights once, outside the timing (ours with
+KoCLIP.cast_params, torch with .to(torch.bfloat16)). XLA:CPU runs a bf16 x bf16 -> bf16 dot by
+upcasting to float32 (compare "jax bfloat16" with "jax bfloat16->f32" in the matmul peaks) and
+none of the documented XLA:CPU flags (oneDNN/XNNPACK/YNNPACK fusion types, xla_cpu_use_onednn,
+xla_allow_excess_precision) changes that, so koclip.modeling's dense layers and attention ask
+for float32 results from bf16 operands, which run natively.
 
     python -m bench.encoders                    # full run, a few minutes on 2 cores
     python -m bench.encoders --quick            # tiny configs, seconds (a smoke run)
@@ -148,7 +149,7 @@ def make_inputs(tower: str, spec: dict, batch: int, text_length: int, seed: int 
 
 
 def ours(tower: str, spec: dict, text_length: int):
-    """(encode function of (params, *inputs) for a dtype, float32 params) for the measured tower."""
+    """A function of dtype -> (encode function, params in that dtype) for the measured tower."""
     tiny = tiny_config("roberta")
     text = TextConfig(model_type="roberta", **spec) if tower == "text" else tiny.text_config
     vision = VisionConfig(model_type="clip_vision_model", **spec) if tower == "image" else tiny.vision_config
@@ -157,10 +158,11 @@ def ours(tower: str, spec: dict, text_length: int):
     params = KoCLIP(config, "float32").init(0)
 
     def encode(dtype: str):
+        """(encode function, params already in the compute dtype)."""
         model = KoCLIP(config, dtype)
-        return model.encode_image if tower == "image" else model.encode_text
+        return (model.encode_image if tower == "image" else model.encode_text), model.cast_params(params)
 
-    return encode, params
+    return encode
 
 
 def torch_model(tower: str, spec: dict) -> torch.nn.Module:
@@ -172,12 +174,13 @@ def torch_model(tower: str, spec: dict) -> torch.nn.Module:
 
 def bench_tower(tower: str, spec: dict, args) -> list[dict]:
     jax_inputs, torch_inputs = make_inputs(tower, spec, args.batch_size, args.text_length)
-    encode, params = ours(tower, spec, args.text_length)
+    encode = ours(tower, spec, args.text_length)
     model = torch_model(tower, spec)
     flops = flops_per_item(tower, spec, args.text_length)
     rows = []
     for dtype in sorted(args.dtypes, key=lambda d: d != "float32"):  # float32 first: torch converts in place
-        compiled, compile_s = timed_result(lambda: jax.jit(encode(dtype)).lower(params, *jax_inputs).compile())
+        fn, params = encode(dtype)
+        compiled, compile_s = timed_result(lambda: jax.jit(fn).lower(params, *jax_inputs).compile())
         model.to(getattr(torch, dtype))
         inputs = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in torch_inputs.items()}
 

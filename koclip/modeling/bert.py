@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from koclip.config import TextConfig
-from koclip.modeling.layers import activation, dot_product_attention, layer_norm, padding_bias, split_heads
+from koclip.modeling.layers import activation, dense, dot_product_attention, layer_norm, padding_bias, split_heads
 
 
 class BertEmbeddings(nn.Module):
@@ -42,9 +42,8 @@ class BertSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, bias, deterministic: bool = True):
         cfg = self.config
-        dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, name=name)
         heads = cfg.num_attention_heads
-        q, k, v = (split_heads(dense(n)(x), heads) for n in ("query", "key", "value"))
+        q, k, v = (split_heads(dense(cfg.hidden_size, self.dtype, n)(x), heads) for n in ("query", "key", "value"))
         rate = cfg.attention_probs_dropout_prob
         rng = self.make_rng("dropout") if not deterministic and rate > 0 else None
         return dot_product_attention(q, k, v, bias, rng, rate, deterministic)
@@ -59,7 +58,7 @@ class BertResidual(nn.Module):
     @nn.compact
     def __call__(self, x, residual, deterministic: bool = True):
         cfg = self.config
-        x = nn.Dense(cfg.hidden_size, dtype=self.dtype, name="dense")(x)
+        x = dense(cfg.hidden_size, self.dtype, "dense")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
         return layer_norm(cfg.layer_norm_eps, self.dtype, "LayerNorm")(x + residual)
 
@@ -80,7 +79,7 @@ class BertIntermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="dense")(x)
+        x = dense(self.config.intermediate_size, self.dtype, "dense")(x)
         return activation(self.config.hidden_act)(x)
 
 
@@ -121,7 +120,7 @@ class BertPooler(nn.Module):
 
     @nn.compact
     def __call__(self, hidden):
-        return jnp.tanh(nn.Dense(self.config.hidden_size, dtype=self.dtype, name="dense")(hidden[:, 0]))
+        return jnp.tanh(dense(self.config.hidden_size, self.dtype, "dense")(hidden[:, 0]))
 
 
 class BertModel(nn.Module):

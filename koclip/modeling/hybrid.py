@@ -15,6 +15,7 @@ import numpy as np
 
 from koclip.config import HybridCLIPConfig
 from koclip.modeling.bert import BertModel
+from koclip.modeling.layers import dense
 from koclip.modeling.vision import vision_model_class
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -34,8 +35,8 @@ class HybridCLIP(nn.Module):
         self.text_model = BertModel(cfg.text_config, self.dtype)
         self.vision_model = vision_model_class(cfg.vision_config)(cfg.vision_config, self.dtype)
         init = nn.initializers.normal(0.02)
-        self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, kernel_init=init)
-        self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, kernel_init=init)
+        self.text_projection = dense(cfg.projection_dim, self.dtype, None, use_bias=False, kernel_init=init)
+        self.visual_projection = dense(cfg.projection_dim, self.dtype, None, use_bias=False, kernel_init=init)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.logit_scale_init), ())
 
     def text_features(self, input_ids, attention_mask, deterministic: bool = True):
@@ -90,18 +91,27 @@ class KoCLIP:
         """The parameter tree as jax.ShapeDtypeStruct leaves, without allocating it."""
         return jax.eval_shape(lambda r: self.module.init(r, *self.dummy_inputs())["params"], jax.random.PRNGKey(0))
 
+    def cast_params(self, params):
+        """Float params in the compute dtype. The encode functions cast inside too; casting once
+        up front saves re-reading float32 weights on every bfloat16 call."""
+        dtype = DTYPES[self.dtype]
+        return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
     def encode_text(self, params, input_ids, attention_mask):
         """[B, T] ids and mask -> L2-normalised text embeddings [B, D]."""
-        out = self.module.apply({"params": params}, input_ids, attention_mask, method=HybridCLIP.text_features)
+        out = self.module.apply({"params": self.cast_params(params)}, input_ids, attention_mask,
+                                method=HybridCLIP.text_features)
         return l2_normalize(out)
 
     def encode_image(self, params, pixels):
         """[B, S, S, 3] pixels -> L2-normalised image embeddings [B, D]."""
-        return l2_normalize(self.module.apply({"params": params}, pixels, method=HybridCLIP.image_features))
+        out = self.module.apply({"params": self.cast_params(params)}, pixels, method=HybridCLIP.image_features)
+        return l2_normalize(out)
 
     def encode_patches(self, params, pixels):
         """[B, S, S, 3] pixels -> L2-normalised per-patch embeddings [B, P, D], row-major patch order."""
-        return l2_normalize(self.module.apply({"params": params}, pixels, method=HybridCLIP.patch_features))
+        out = self.module.apply({"params": self.cast_params(params)}, pixels, method=HybridCLIP.patch_features)
+        return l2_normalize(out)
 
     def logit_scale(self, params):
         return self.module.apply({"params": params}, method=HybridCLIP.scale)

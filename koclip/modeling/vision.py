@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from koclip.config import VisionConfig
-from koclip.modeling.layers import activation, dot_product_attention, layer_norm, split_heads
+from koclip.modeling.layers import activation, dense, dot_product_attention, layer_norm, split_heads
 
 
 def patchify(config: VisionConfig, dtype, use_bias: bool, name: str) -> nn.Conv:
@@ -47,9 +47,9 @@ class ClipAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, name=name)
-        q, k, v = (split_heads(dense(n)(x), cfg.num_attention_heads) for n in ("q_proj", "k_proj", "v_proj"))
-        return dense("out_proj")(dot_product_attention(q, k, v, None))
+        proj = lambda name: dense(cfg.hidden_size, self.dtype, name)
+        q, k, v = (split_heads(proj(n)(x), cfg.num_attention_heads) for n in ("q_proj", "k_proj", "v_proj"))
+        return proj("out_proj")(dot_product_attention(q, k, v, None))
 
 
 class ClipMLP(nn.Module):
@@ -59,8 +59,8 @@ class ClipMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        x = activation(cfg.hidden_act)(nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="fc1")(x))
-        return nn.Dense(cfg.hidden_size, dtype=self.dtype, name="fc2")(x)
+        x = activation(cfg.hidden_act)(dense(cfg.intermediate_size, self.dtype, "fc1")(x))
+        return dense(cfg.hidden_size, self.dtype, "fc2")(x)
 
 
 class ClipLayer(nn.Module):
@@ -153,8 +153,8 @@ class VitSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         cfg = self.config
-        dense = lambda name: nn.Dense(cfg.hidden_size, use_bias=cfg.qkv_bias, dtype=self.dtype, name=name)
-        q, k, v = (split_heads(dense(n)(x), cfg.num_attention_heads) for n in ("query", "key", "value"))
+        proj = lambda name: dense(cfg.hidden_size, self.dtype, name, use_bias=cfg.qkv_bias)
+        q, k, v = (split_heads(proj(n)(x), cfg.num_attention_heads) for n in ("query", "key", "value"))
         rate = cfg.attention_dropout
         rng = self.make_rng("dropout") if not deterministic and rate > 0 else None
         return dot_product_attention(q, k, v, None, rng, rate, deterministic)
@@ -169,7 +169,7 @@ class VitDenseDropout(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        x = nn.Dense(self.features, dtype=self.dtype, name="dense")(x)
+        x = dense(self.features, self.dtype, "dense")(x)
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
@@ -190,7 +190,7 @@ class VitIntermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="dense")(x)
+        x = dense(self.config.intermediate_size, self.dtype, "dense")(x)
         return activation(self.config.hidden_act)(x)
 
 
@@ -250,7 +250,7 @@ class VitPooler(nn.Module):
 
     @nn.compact
     def __call__(self, tokens):
-        x = nn.Dense(self.config.hidden_size, dtype=self.dtype, name="dense")(tokens)
+        x = dense(self.config.hidden_size, self.dtype, "dense")(tokens)
         return activation(self.config.pooler_act)(x)
 
 
