@@ -119,7 +119,7 @@ def demo_config(out: str = "demo") -> TrainConfig:
     return TrainConfig(
         manifest="", out=_cache(out),
         phases=(Phase(steps=150, trainable=DEMO_NEW_PARTS, learning_rate=1e-3, warmup_steps=20),
-                Phase(steps=350, trainable=EVERYTHING, learning_rate=3e-4, warmup_steps=30)),
+                Phase(steps=280, trainable=EVERYTHING, learning_rate=3e-4, warmup_steps=30)),
         optimizer="adabelief", batch_size=64, cache_images=True, checkpoint_every=100,
     )
 

@@ -243,21 +243,28 @@ def _fit(converted: dict, expected: dict, source: str, may_init: tuple[str, ...]
     return unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in converted.items()})
 
 
-def _tower_shapes(config: HybridCLIPConfig, tower: str) -> dict[str, tuple]:
-    shapes = flat_shapes(KoCLIP(config).param_shapes()[tower])
-    return shapes
+# Stand-ins for the other tower when only one tower's parameter shapes are wanted.
+_TINY_TEXT = TextConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                        intermediate_size=8, max_position_embeddings=8)
+_TINY_VISION = VisionConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                            image_size=8, patch_size=8)
+
+
+def _read_tower(hf_dir: str, what: str, config_cls, tower: str):
+    """(the tower's config, the flat shapes our tree expects for it) from an HF config.json."""
+    require_dir(hf_dir, f"{what} checkpoint directory")
+    try:
+        tower_config = config_cls.from_dict(_read_json(_join(hf_dir, CONFIG_NAME)))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{hf_dir}: {e}") from None
+    other = {"text_config": _TINY_TEXT, "vision_config": _TINY_VISION}
+    other["text_config" if tower == "text_model" else "vision_config"] = tower_config
+    return tower_config, flat_shapes(KoCLIP(HybridCLIPConfig(**other)).param_shapes()[tower])
 
 
 def import_text_encoder(hf_dir: str) -> tuple[TextConfig, dict]:
     """A transformers BERT/RoBERTa directory (config.json + model.safetensors) -> (config, params)."""
-    require_dir(hf_dir, "text checkpoint directory")
-    raw = _read_json(_join(hf_dir, CONFIG_NAME))
-    try:
-        text_config = TextConfig.from_dict(raw)
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{hf_dir}: {e}") from None
-    probe = HybridCLIPConfig(text_config=text_config, vision_config=_TINY_VISION)
-    expected = _tower_shapes(probe, "text_model")
+    text_config, expected = _read_tower(hf_dir, "text", TextConfig, "text_model")
     tensors = _strip_prefix(_read_safetensors(hf_dir), ("bert.", "roberta.", "model."))
     converted = _torch_to_flax(tensors, expected, ("embeddings/", "encoder/", "pooler/"))
     # Masked-LM checkpoints ship without the pooler; transformers initialises it too.
@@ -274,14 +281,7 @@ class ImportedVision:
 
 def import_vision_encoder(hf_dir: str) -> ImportedVision:
     """A transformers CLIP (full or vision-only) or ViT directory -> our vision tree."""
-    require_dir(hf_dir, "vision checkpoint directory")
-    raw = _read_json(_join(hf_dir, CONFIG_NAME))
-    try:
-        vision_config = VisionConfig.from_dict(raw)
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{hf_dir}: {e}") from None
-    probe = HybridCLIPConfig(text_config=_TINY_TEXT, vision_config=vision_config)
-    expected = _tower_shapes(probe, "vision_model")
+    vision_config, expected = _read_tower(hf_dir, "vision", VisionConfig, "vision_model")
     tensors = _read_safetensors(hf_dir)
     projection = None
     if vision_config.model_type == "clip_vision_model":
@@ -315,11 +315,6 @@ def _read_preprocessing(hf_dir: str) -> dict:
         found["image_resize"] = size
     return found
 
-
-_TINY_TEXT = TextConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                        intermediate_size=8, max_position_embeddings=8)
-_TINY_VISION = VisionConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
-                            image_size=8, patch_size=8)
 
 
 def build_hybrid(text_dir: str, vision_dir: str, projection_dim: int | None = None,
