@@ -179,6 +179,14 @@ class Validation:
         return {"loss": float(np.mean(losses)), **metrics}
 
 
+def check_same_run(saved: dict, cfg: TrainConfig) -> None:
+    """Exact resume needs the run's own recipe: refuse a resume under a different config."""
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
+    differ = sorted(k for k in now if k != "out" and saved.get(k) != now[k])
+    if differ:
+        raise ValueError(f"cannot resume {cfg.out} with a different config: {', '.join(differ)} changed")
+
+
 def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool = False,
           stop_at: int | None = None, progress: bool = True) -> dict:
     """Runs (or resumes) a training run; returns the final metrics record."""
@@ -201,9 +209,12 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
             raise ValueError("no model to start from: give --init DIR or a preset that builds one")
         ckpt = source
     config, tokenizer = ckpt.config, ckpt.tokenizer()
-    if not resume:  # --out is a loadable checkpoint (with its tokenizer) from the start
+    config_path = fs.join(cfg.out, "train_config.json")
+    if resume:
+        check_same_run(json.loads(fs.read_bytes(config_path)), cfg)
+    else:  # --out is a loadable checkpoint (with its tokenizer) from the start
         checkpoint.save_checkpoint(cfg.out, config, ckpt.params, tokenizer=tokenizer)
-    fs.write_bytes(fs.join(cfg.out, "train_config.json"), json.dumps(cfg.to_dict(), indent=2).encode())
+        fs.write_bytes(config_path, json.dumps(cfg.to_dict(), indent=2).encode())
     model = KoCLIP(config, cfg.dtype)
     mesh = data_mesh()
     if cfg.batch_size % mesh.size:

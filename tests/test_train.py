@@ -86,6 +86,8 @@ def test_resume_is_bit_exact(pairs, tmp_path):
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     assert losses(whole.out) == losses(parts.out)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(dataclasses.replace(parts, batch_size=4), None, resume=True, progress=False)
 
 
 def test_corrupt_image_is_skipped_and_counted(pairs, tmp_path):
