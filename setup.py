@@ -36,6 +36,7 @@ setup(
     description="Offline embedding, FAISS indexing and search for Korean CLIP (KoCLIP) models",
     python_requires=">=3.10",
     packages=find_packages(include=["koclip", "koclip.*", "pipelines", "pipelines.*", "jobs", "jobs.*"]),
+    package_data={"koclip.data": ["vocab/*/*.json"]},
     install_requires=CORE + PIPELINE,
     extras_require={"gcs": GCS, "demo": DEMO, "dev": DEV + DEMO + GCS},
     entry_points={"console_scripts": ["koclip=koclip.cli:main"]},

@@ -13,12 +13,17 @@ from typing import Callable
 
 import numpy as np
 
+import koclip.data
+
 # Parameters the clip-italian recipe trains while the pretrained backbones are frozen.
 PROJECTIONS = r"^(text_projection|visual_projection|logit_scale)"
 EVERYTHING = r".*"
 # In the demo model the ViT and the Korean word embeddings start from scratch, so the "frozen
 # backbone" phase freezes only what was pretrained: MiniLM's transformer layers.
 DEMO_NEW_PARTS = r"^(text_projection|visual_projection|logit_scale|vision_model/|text_model/embeddings/word_embeddings)"
+
+
+SHIPPED_KOREAN_VOCAB = os.path.join(os.path.dirname(koclip.data.__file__), "vocab", "korean-wordpiece-8000")
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,12 @@ def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed:
     text_config, text_params = import_text_encoder(minilm_dir())
     tokenizer_dir = minilm_dir()
     if korean_vocab:
-        from koclip.data.korean_vocab import build_korean_tokenizer, default_tokenizer_dir
+        from koclip.processing import load_tokenizer
 
-        tokenizer = build_korean_tokenizer(vocab_size=8000)
-        tokenizer_dir = default_tokenizer_dir(8000)
+        # The shipped build of `python -m koclip.data.korean_vocab`: the tokenizers trainer does
+        # not give the same vocabulary twice, and the demo's figures should reproduce.
+        tokenizer_dir = SHIPPED_KOREAN_VOCAB
+        tokenizer = load_tokenizer(tokenizer_dir)
         text_config = dataclasses.replace(text_config, vocab_size=len(tokenizer))
         rng = np.random.default_rng(seed)
         text_params["embeddings"]["word_embeddings"]["embedding"] = rng.normal(

@@ -94,6 +94,8 @@ class KoCLIP:
     def cast_params(self, params):
         """Float params in the compute dtype. The encode functions cast inside too; casting once
         up front saves re-reading float32 weights on every bfloat16 call."""
+        if self.dtype == "float32":
+            return params
         dtype = DTYPES[self.dtype]
         return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
