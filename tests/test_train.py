@@ -129,3 +129,18 @@ def test_two_devices_train_like_one(pairs, tmp_path):
     a, b = flat_params(one.out), flat_params(tmp_path / "two")
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=2e-3, err_msg=key)
+
+
+def test_demo_model_keeps_minilm_layers_and_uses_the_korean_vocab():
+    from jobs.presets import demo_model, minilm_dir
+
+    built = demo_model()
+    checkpoint.check_params(built.config, built.params)
+    tokenizer = built.tokenizer()
+    assert built.params["text_model"]["embeddings"]["word_embeddings"]["embedding"].shape[0] == len(tokenizer)
+    assert "[UNK]" not in tokenizer.tokenize("빨간 사과 강아지 얼굴")
+    _, minilm = checkpoint.import_text_encoder(minilm_dir())
+    ours = flatten_dict(built.params["text_model"], sep="/")
+    for key, value in flatten_dict(minilm, sep="/").items():
+        if key != "embeddings/word_embeddings/embedding":
+            assert np.array_equal(ours[key], value), key
