@@ -67,10 +67,6 @@ class Checkpoint:
 # ---------------------------------------------------------------- paths
 
 
-# Kept under their old private names for callers inside this module.
-_join, _read_bytes, _write_bytes, _exists = fs.join, fs.read_bytes, fs.write_bytes, fs.exists
-
-
 def require_dir(path: str, what: str = "checkpoint directory") -> None:
     if not fs.is_dir(path):
         raise FileNotFoundError(f"{what} not found: {path}")
@@ -83,21 +79,25 @@ def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
     return {"/".join(k): tuple(v.shape) for k, v in flatten_dict(tree).items()}
 
 
-def check_params(config: HybridCLIPConfig, params: dict, where: str = "checkpoint") -> None:
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
-    expected = flat_shapes(KoCLIP(config).param_shapes())
-    found = flat_shapes(params)
+def _mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
+    """"" when `found` has exactly the expected keys and shapes; else what differs, in one line."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     misshaped = [f"{k} (has {list(found[k])}, config wants {list(expected[k])})"
-                 for k in sorted(set(expected) & set(found)) if found[k] != expected[k]]
+                 for k in sorted(set(expected) & set(found)) if tuple(found[k]) != tuple(expected[k])]
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if keys:
             shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
             problems.append(f"{label}: {shown}")
+    return "; ".join(problems)
+
+
+def check_params(config: HybridCLIPConfig, params: dict, where: str = "checkpoint") -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    problems = _mismatch(flat_shapes(KoCLIP(config).param_shapes()), flat_shapes(params))
     if problems:
-        raise CheckpointError(f"{where} does not fit its config; " + "; ".join(problems))
+        raise CheckpointError(f"{where} does not fit its config; {problems}")
 
 
 def _as_float32(params: dict) -> dict:
@@ -124,7 +124,7 @@ def save_checkpoint(path: str, config: HybridCLIPConfig, params: dict, tokenizer
                     tokenizer_dir: str | None = None) -> str:
     """Write config.json, flax_model.msgpack and tokenizer files (from a tokenizer object or a dir)."""
     params = jax.device_get(params)
-    _write_bytes(_join(path, WEIGHTS_NAME), serialization.msgpack_serialize(params))
+    fs.write_bytes(fs.join(path, WEIGHTS_NAME), serialization.msgpack_serialize(params))
     if tokenizer is not None:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
@@ -132,32 +132,32 @@ def save_checkpoint(path: str, config: HybridCLIPConfig, params: dict, tokenizer
     elif tokenizer_dir is not None:
         _copy_files(tokenizer_dir, path, TOKENIZER_FILES)
     # config.json last: a directory with a config is a complete checkpoint.
-    _write_bytes(_join(path, CONFIG_NAME), config.to_json().encode())
+    fs.write_bytes(fs.join(path, CONFIG_NAME), config.to_json().encode())
     return path
 
 
 def _copy_files(src_dir: str, dst_dir: str, names) -> None:
     for name in names:
-        src = _join(src_dir, name)
-        if _exists(src):
-            _write_bytes(_join(dst_dir, name), _read_bytes(src))
+        src = fs.join(src_dir, name)
+        if fs.exists(src):
+            fs.write_bytes(fs.join(dst_dir, name), fs.read_bytes(src))
 
 
 def load_config(path: str) -> HybridCLIPConfig:
     require_dir(path)
-    raw = _read_bytes(_join(path, CONFIG_NAME))
+    raw = fs.read_bytes(fs.join(path, CONFIG_NAME))
     try:
         return HybridCLIPConfig.from_json(raw.decode())
     except (json.JSONDecodeError, ConfigError, TypeError) as e:
-        raise CheckpointError(f"{_join(path, CONFIG_NAME)}: {e}") from None
+        raise CheckpointError(f"{fs.join(path, CONFIG_NAME)}: {e}") from None
 
 
 def load_checkpoint(path: str) -> Checkpoint:
     """Load our checkpoints and the published FlaxHybridCLIP ones; params become float32 numpy."""
     config = load_config(path)
-    weights = _join(path, WEIGHTS_NAME)
+    weights = fs.join(path, WEIGHTS_NAME)
     try:
-        params = serialization.msgpack_restore(_read_bytes(weights))
+        params = serialization.msgpack_restore(fs.read_bytes(weights))
     except FileNotFoundError:
         raise
     except Exception as e:  # msgpack raises several unrelated types on a damaged file
@@ -173,19 +173,19 @@ def load_checkpoint(path: str) -> Checkpoint:
 
 
 def _read_json(path: str) -> dict:
-    return json.loads(_read_bytes(path).decode())
+    return json.loads(fs.read_bytes(path).decode())
 
 
 def _read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
-    path = _join(hf_dir, HF_WEIGHTS_NAME)
-    if not _exists(path):
+    path = fs.join(hf_dir, HF_WEIGHTS_NAME)
+    if not fs.exists(path):
         raise FileNotFoundError(
             f"no {HF_WEIGHTS_NAME} in {hf_dir} (only safetensors weights are imported; convert "
             "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))"
         )
-    return load(_read_bytes(path))
+    return load(fs.read_bytes(path))
 
 
 def _torch_to_flax(tensors: dict[str, np.ndarray], expected: dict[str, tuple], roots: tuple[str, ...]):
@@ -233,13 +233,9 @@ def _fit(converted: dict, expected: dict, source: str, may_init: tuple[str, ...]
         for k in fillable:
             converted[k] = (rng.normal(0, 0.02, expected[k]) if k.endswith("kernel")
                             else np.zeros(expected[k])).astype(np.float32)
-    misshaped = [f"{k} (has {list(converted[k].shape)}, config wants {list(expected[k])})"
-                 for k in sorted(expected) if k in converted and tuple(converted[k].shape) != expected[k]]
-    missing = [k for k in missing if k not in fillable]
-    if missing or misshaped:
-        parts = ([f"missing: {', '.join(missing[:8])}"] if missing else []) + (
-            [f"mis-shaped: {', '.join(misshaped[:8])}"] if misshaped else [])
-        raise CheckpointError(f"{source} does not fit its config.json; " + "; ".join(parts))
+    problems = _mismatch(expected, {k: tuple(v.shape) for k, v in converted.items()})
+    if problems:
+        raise CheckpointError(f"{source} does not fit its config.json; {problems}")
     return unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in converted.items()})
 
 
@@ -254,7 +250,7 @@ def _read_tower(hf_dir: str, what: str, config_cls, tower: str):
     """(the tower's config, the flat shapes our tree expects for it) from an HF config.json."""
     require_dir(hf_dir, f"{what} checkpoint directory")
     try:
-        tower_config = config_cls.from_dict(_read_json(_join(hf_dir, CONFIG_NAME)))
+        tower_config = config_cls.from_dict(_read_json(fs.join(hf_dir, CONFIG_NAME)))
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{hf_dir}: {e}") from None
     other = {"text_config": _TINY_TEXT, "vision_config": _TINY_VISION}
@@ -268,7 +264,7 @@ def import_text_encoder(hf_dir: str) -> tuple[TextConfig, dict]:
     tensors = _strip_prefix(_read_safetensors(hf_dir), ("bert.", "roberta.", "model."))
     converted = _torch_to_flax(tensors, expected, ("embeddings/", "encoder/", "pooler/"))
     # Masked-LM checkpoints ship without the pooler; transformers initialises it too.
-    return text_config, _fit(converted, expected, _join(hf_dir, HF_WEIGHTS_NAME), may_init=("pooler/",))
+    return text_config, _fit(converted, expected, fs.join(hf_dir, HF_WEIGHTS_NAME), may_init=("pooler/",))
 
 
 @dataclass
@@ -298,13 +294,13 @@ def import_vision_encoder(hf_dir: str) -> ImportedVision:
         tensors = _strip_prefix(tensors, ("vit.",))
         converted = _torch_to_flax(tensors, expected, ("embeddings/", "encoder/", "layernorm/", "pooler/"))
         may_init = ("pooler/",)  # ViTForImageClassification has no pooler
-    params = _fit(converted, expected, _join(hf_dir, HF_WEIGHTS_NAME), may_init=may_init)
+    params = _fit(converted, expected, fs.join(hf_dir, HF_WEIGHTS_NAME), may_init=may_init)
     return ImportedVision(vision_config, params, projection, _read_preprocessing(hf_dir))
 
 
 def _read_preprocessing(hf_dir: str) -> dict:
-    path = _join(hf_dir, HF_PREPROCESSOR_NAME)
-    if not _exists(path):
+    path = fs.join(hf_dir, HF_PREPROCESSOR_NAME)
+    if not fs.exists(path):
         return {}
     raw = _read_json(path)
     found = {k: tuple(raw[k]) for k in ("image_mean", "image_std") if k in raw}

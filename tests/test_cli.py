@@ -16,13 +16,6 @@ from koclip.vocab import TINY_CORPUS, train_wordpiece
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    assert main(["init", out, "--tiny", "tiny-bert-clip"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("img")
     rng = np.random.default_rng(0)
@@ -35,26 +28,26 @@ def images(tmp_path_factory):
     return paths, str(root / "notes.jpg")
 
 
-def test_info_reports_the_fingerprint(tiny_dir, capsys):
-    assert main(["info", tiny_dir]) == 0
+def test_info_reports_the_fingerprint(tiny_ckpt_dir, capsys):
+    assert main(["info", tiny_ckpt_dir]) == 0
     out = capsys.readouterr().out
-    assert checkpoint.load_checkpoint(tiny_dir).fingerprint in out
+    assert checkpoint.load_checkpoint(tiny_ckpt_dir).fingerprint in out
     assert "bert" in out and "clip_vision_model" in out
 
 
-def test_embed_text_prints_the_library_embeddings(tiny_dir, capsys):
+def test_embed_text_prints_the_library_embeddings(tiny_ckpt_dir, capsys):
     texts = ["빨간 사과", "소파 위에 고양이"]
-    assert main(["embed-text", tiny_dir, *texts, "--json"]) == 0
+    assert main(["embed-text", tiny_ckpt_dir, *texts, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    ckpt = checkpoint.load_checkpoint(tiny_dir)
+    ckpt = checkpoint.load_checkpoint(tiny_ckpt_dir)
     ids, mask = tokenize(ckpt.tokenizer(), texts, ckpt.config.text_length_buckets)
     expected = np.asarray(KoCLIP(ckpt.config).encode_text(ckpt.params, ids, mask))
     np.testing.assert_allclose(np.array([printed[t] for t in texts]), expected, atol=1e-5)
 
 
-def test_embed_image_with_labels_prints_probabilities(tiny_dir, images, capsys):
+def test_embed_image_with_labels_prints_probabilities(tiny_ckpt_dir, images, capsys):
     paths, _ = images
-    assert main(["embed-image", tiny_dir, *paths, "--text", "고양이", "사과", "--json"]) == 0
+    assert main(["embed-image", tiny_ckpt_dir, *paths, "--text", "고양이", "사과", "--json"]) == 0
     probs = json.loads(capsys.readouterr().out)
     assert set(probs) == set(paths)
     for p in probs.values():
@@ -68,8 +61,8 @@ def test_embed_image_with_labels_prints_probabilities(tiny_dir, images, capsys):
     (["embed-text", "{ckpt}", " "], "empty"),
     (["init", "{missing}"], "--tiny"),
 ])
-def test_errors_are_one_line(tmp_path, tiny_dir, images, capsys, argv_tail, needle):
-    argv = [a.format(missing=str(tmp_path / "nope"), ckpt=tiny_dir, bad=images[1]) for a in argv_tail]
+def test_errors_are_one_line(tmp_path, tiny_ckpt_dir, images, capsys, argv_tail, needle):
+    argv = [a.format(missing=str(tmp_path / "nope"), ckpt=tiny_ckpt_dir, bad=images[1]) for a in argv_tail]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err

@@ -16,7 +16,6 @@ from PIL import Image
 
 from jobs.evaluate import DEFAULT_TEMPLATE, Encoders, EvaluationError, evaluate, main
 from koclip.checkpoint import load_checkpoint
-from koclip.cli import main as koclip_main
 from koclip.data.manifest import read_manifest
 from koclip.metrics import random_mrr_at_k
 
@@ -49,13 +48,6 @@ def _colours(n: int, rng) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    assert koclip_main(["init", out, "--tiny", "tiny-bert-clip"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """(manifest path, colours of the good images in order)."""
     root = tmp_path_factory.mktemp("data")
@@ -82,8 +74,8 @@ def records(dataset):
 
 
 @pytest.fixture(scope="module")
-def tiny_result(ckpt_dir, records):
-    return evaluate(ckpt_dir, records, batch_size=4)
+def tiny_result(tiny_ckpt_dir, records):
+    return evaluate(tiny_ckpt_dir, records, batch_size=4)
 
 
 def test_counts_add_up_and_bad_images_are_listed(tiny_result, records):
@@ -100,7 +92,7 @@ def test_counts_add_up_and_bad_images_are_listed(tiny_result, records):
     assert counts["labels"] == N_GOOD - 1  # two images share "웃는 얼굴"
 
 
-def test_metrics_are_fractions_and_shapes_stay_fixed(tiny_result, ckpt_dir):
+def test_metrics_are_fractions_and_shapes_stay_fixed(tiny_result, tiny_ckpt_dir):
     m = tiny_result["metrics"]
     expected = {f"t2i_mrr@{k}" for k in (1, 5, 10)} | {f"t2i_recall@{k}" for k in (1, 5, 10)} | {
         f"i2t_recall@{k}" for k in (1, 5, 10)} | {"zeroshot_acc@1", "zeroshot_acc@5"}
@@ -112,11 +104,11 @@ def test_metrics_are_fractions_and_shapes_stay_fixed(tiny_result, ckpt_dir):
     assert m["t2i_recall@1"] <= m["t2i_recall@5"] <= m["t2i_recall@10"]
     assert m["t2i_mrr@10_random"] == pytest.approx(random_mrr_at_k(N_GOOD, 10))
     assert m["t2i_mrr@10_vs_random"] == pytest.approx(m["t2i_mrr@10"] / m["t2i_mrr@10_random"])
-    assert tiny_result["fingerprint"] == load_checkpoint(ckpt_dir).fingerprint
+    assert tiny_result["fingerprint"] == load_checkpoint(tiny_ckpt_dir).fingerprint
     assert tiny_result["template"] == DEFAULT_TEMPLATE
     # One image shape; texts at most one shape per length bucket.
     assert tiny_result["compiles"]["image"] == 1
-    assert 1 <= tiny_result["compiles"]["text"] <= len(load_checkpoint(ckpt_dir).config.text_length_buckets)
+    assert 1 <= tiny_result["compiles"]["text"] <= len(load_checkpoint(tiny_ckpt_dir).config.text_length_buckets)
 
 
 # ---------------------------------------------------------------- known answers
@@ -148,8 +140,8 @@ def _known_encoders(colours, config, template, sign=1.0) -> Encoders:
     return Encoders(images=images, texts=texts)
 
 
-def test_perfect_encoders_give_perfect_scores(ckpt_dir, records, dataset):
-    ckpt = load_checkpoint(ckpt_dir)
+def test_perfect_encoders_give_perfect_scores(tiny_ckpt_dir, records, dataset):
+    ckpt = load_checkpoint(tiny_ckpt_dir)
     template = "{} 사진"
     result = evaluate(ckpt, records, batch_size=5, template=template,
                       encoders=_known_encoders(dataset[1], ckpt.config, template))
@@ -160,37 +152,37 @@ def test_perfect_encoders_give_perfect_scores(ckpt_dir, records, dataset):
     assert result["counts"]["images_skipped"] == 2
 
 
-def test_opposite_encoders_score_zero(ckpt_dir, records, dataset):
+def test_opposite_encoders_score_zero(tiny_ckpt_dir, records, dataset):
     # Each caption points away from its own images: they rank last (ties with nothing above).
-    ckpt = load_checkpoint(ckpt_dir)
+    ckpt = load_checkpoint(tiny_ckpt_dir)
     result = evaluate(ckpt, records, encoders=_known_encoders(dataset[1], ckpt.config, DEFAULT_TEMPLATE, sign=-1.0))
     m = result["metrics"]
     for name in ("t2i_mrr@10", "t2i_recall@10", "i2t_recall@10", "zeroshot_acc@5"):
         assert m[name] == 0.0, name
 
 
-def test_collapsed_embeddings_get_no_credit_from_ties(ckpt_dir, records):
+def test_collapsed_embeddings_get_no_credit_from_ties(tiny_ckpt_dir, records):
     # Every image and text the same vector: pessimistic ties put each relevant item last (12 > 10).
     constant = Encoders(images=lambda p: np.ones((len(p), 4), np.float32) / 2,
                         texts=lambda t: np.ones((len(t), 4), np.float32) / 2)
-    m = evaluate(ckpt_dir, records, encoders=constant)["metrics"]
+    m = evaluate(tiny_ckpt_dir, records, encoders=constant)["metrics"]
     assert m["t2i_mrr@10"] == 0.0 and m["t2i_recall@10"] == 0.0
 
 
-def test_bad_inputs_raise(ckpt_dir, records):
+def test_bad_inputs_raise(tiny_ckpt_dir, records):
     with pytest.raises(EvaluationError, match="template"):
-        evaluate(ckpt_dir, records, template="no placeholder")
+        evaluate(tiny_ckpt_dir, records, template="no placeholder")
     bad_only = [r for r in records if r.id in ("broken", "gone")]
     with pytest.raises(EvaluationError, match="could be decoded"):
-        evaluate(ckpt_dir, bad_only)
+        evaluate(tiny_ckpt_dir, bad_only)
 
 
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_prints_a_table_and_writes_json(ckpt_dir, dataset, tmp_path, capsys):
+def test_cli_prints_a_table_and_writes_json(tiny_ckpt_dir, dataset, tmp_path, capsys):
     out = tmp_path / "eval" / "results.json"  # a folder that does not exist yet
-    code = main(["--checkpoint", ckpt_dir, "--manifest", dataset[0], "--split", "test", "--batch-size", "8",
+    code = main(["--checkpoint", tiny_ckpt_dir, "--manifest", dataset[0], "--split", "test", "--batch-size", "8",
                  "--k", "1", "5", "10", "--out", str(out), "--dtype", "bfloat16", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -198,7 +190,7 @@ def test_cli_prints_a_table_and_writes_json(ckpt_dir, dataset, tmp_path, capsys)
     assert "skipped broken (not_an_image)" in printed
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["manifest"] == dataset[0] and result["split"] == "test"
-    assert result["fingerprint"] == load_checkpoint(ckpt_dir).fingerprint
+    assert result["fingerprint"] == load_checkpoint(tiny_ckpt_dir).fingerprint
     assert result["dtype"] == "bfloat16" and result["template"] == DEFAULT_TEMPLATE
     assert result["elapsed_seconds"] > 0
     c = result["counts"]
@@ -208,8 +200,8 @@ def test_cli_prints_a_table_and_writes_json(ckpt_dir, dataset, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("missing", ["checkpoint", "manifest"])
-def test_cli_missing_input_is_one_line_and_exit_2(ckpt_dir, dataset, tmp_path, capsys, missing):
-    paths = {"checkpoint": ckpt_dir, "manifest": dataset[0]}
+def test_cli_missing_input_is_one_line_and_exit_2(tiny_ckpt_dir, dataset, tmp_path, capsys, missing):
+    paths = {"checkpoint": tiny_ckpt_dir, "manifest": dataset[0]}
     paths[missing] = str(tmp_path / "nowhere")
     code = main(["--checkpoint", paths["checkpoint"], "--manifest", paths["manifest"], "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err.strip()
@@ -218,8 +210,8 @@ def test_cli_missing_input_is_one_line_and_exit_2(ckpt_dir, dataset, tmp_path, c
     assert not (tmp_path / "r.json").exists()
 
 
-def test_cli_empty_split_is_an_error(ckpt_dir, dataset, capsys, tmp_path):
-    assert main(["--checkpoint", ckpt_dir, "--manifest", dataset[0], "--split", "val",
+def test_cli_empty_split_is_an_error(tiny_ckpt_dir, dataset, capsys, tmp_path):
+    assert main(["--checkpoint", tiny_ckpt_dir, "--manifest", dataset[0], "--split", "val",
                  "--out", str(tmp_path / "r.json")]) == 2
     assert "no records in split 'val'" in capsys.readouterr().err
 
