@@ -25,11 +25,11 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from koclip import metrics
+from koclip.encoders import Encoders, checkpoint_encoders  # noqa: F401  (re-exported)
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -41,56 +41,6 @@ RANDOM_BASELINE_K = 10
 
 class EvaluationError(ValueError):
     """Inputs that cannot be evaluated (an empty split, no decodable image, a bad template)."""
-
-
-@dataclass
-class Encoders:
-    """The two embedding functions evaluate() uses; both return L2-normalised float32 [B, D].
-
-    images: preprocessed pixels float32 [B, S, S, 3] (B <= batch_size) -> embeddings
-    texts:  list of strings (any length) -> embeddings, in order
-    compiles: how many times the jitted functions were traced, by tower (for the report)
-    """
-
-    images: Callable[[np.ndarray], np.ndarray]
-    texts: Callable[[list[str]], np.ndarray]
-    compiles: Callable[[], dict] = field(default=lambda: {})
-
-
-def checkpoint_encoders(ckpt, batch_size: int = 32, dtype: str = "float32") -> Encoders:
-    """Encoders from a checkpoint: BatchEncoder (fixed batch shape, sharded over local devices)
-    for both towers; texts sorted by token length and padded to the config's length buckets."""
-    from koclip.modeling.parallel import BatchEncoder, data_mesh, replicate
-    from koclip.processing import iter_batches, tokenize
-
-    model = ckpt.model(dtype)
-    config = ckpt.config
-    tokenizer = ckpt.tokenizer()
-    params = replicate(model.cast_params(ckpt.params), data_mesh())  # one device copy for both encoders
-    image_encoder = BatchEncoder(model.encode_image, params, batch_size)
-    text_encoder = BatchEncoder(model.encode_text, params, batch_size)
-
-    def encode_texts(texts: list[str]) -> np.ndarray:
-        texts = list(texts)
-        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=config.max_text_length)["input_ids"]]
-        # Similar lengths together, so most batches fit a short bucket.
-        order = np.argsort(lengths, kind="stable")
-        batches = list(iter_batches(order, text_encoder.batch_size))
-        outputs = []
-        for batch in batches:
-            ids, mask = tokenize(tokenizer, [texts[i] for i in batch], config.text_length_buckets,
-                                 config.max_text_length)
-            outputs.append(text_encoder(ids, mask))
-        embedded = np.concatenate(outputs)
-        result = np.empty_like(embedded)
-        result[np.concatenate(batches)] = embedded
-        return result
-
-    return Encoders(
-        images=image_encoder,
-        texts=encode_texts,
-        compiles=lambda: {"image": image_encoder.compiles, "text": text_encoder.compiles},
-    )
 
 
 # ---------------------------------------------------------------- evaluation

@@ -19,3 +19,18 @@ __all__ = ["ManifestError", "Record", "cache_dir", "read_manifest", "write_manif
 def cache_dir() -> str:
     """Where built datasets and vocabularies live: `$KOCLIP_CACHE`, else `~/.cache/koclip`."""
     return os.path.expanduser(os.environ.get("KOCLIP_CACHE") or os.path.join("~", ".cache", "koclip"))
+
+
+def demo_model_dir() -> str:
+    """Where `python -m jobs.train` (the demo preset) writes the demo model."""
+    return os.path.join(cache_dir(), "demo")
+
+
+def demo_embeddings_dir() -> str:
+    """Where `python -m pipelines.embed` writes the emoji-ko embeddings by default."""
+    return os.path.join(cache_dir(), "embeddings", "emoji-ko")
+
+
+def demo_index_dir() -> str:
+    """Where `python -m pipelines.index` publishes the emoji-ko index by default."""
+    return os.path.join(cache_dir(), "index", "emoji-ko")
