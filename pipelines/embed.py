@@ -1,0 +1,258 @@
+"""The embedding pipeline: images and captions in, Parquet embedding shards out.
+
+  python -m pipelines.embed                       # emoji-ko sample + demo model, locally
+  python -m pipelines.embed --input gs://b/manifest.jsonl --output gs://b/emb --model gs://b/ckpt \\
+      --runner=DataflowRunner ...                 # see the README for Dataflow
+
+The driver lists the input and cuts it into work units (pipelines.listing), skips the units a
+previous run finished, and runs one Beam pipeline over the rest:
+
+  units -> Reshuffle -> items -> DecodeItem -> RunInference(KoclipModelHandler) -> WriteUnits
+                                     \\-> dead letters ----------------------------/
+
+Decoding, inference and writing are fused (no shuffle after the units are spread), so each
+unit is written as soon as its last item is embedded, and a killed job loses at most the
+units in flight. Every item ends as a row of a shard or a dead letter; the summary counts both.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+from koclip import fs
+from pipelines.listing import ListingError, Unit, list_items, listing_digest, make_units
+from pipelines.options import EmbedOptions, OptionsError, default_workers, parse
+from pipelines.transforms.decode import DEAD, NAMESPACE, DeadLetter, DecodeItem, UnitRef
+from pipelines.transforms.model_handler import KoclipModelHandler
+from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits, done_path
+
+log = logging.getLogger("pipelines.embed")
+
+
+class PlanError(ValueError):
+    """The run cannot start (missing model, an output folder holding another run): one line."""
+
+
+@dataclass
+class Plan:
+    source: str
+    output: str
+    model: str
+    fingerprint: str
+    config: dict
+    dim: int
+    units: list[Unit]
+    pending: list[Unit]
+    run_info: dict = field(default_factory=dict)
+
+
+@dataclass
+class EmbedResult:
+    """What a run did (`this_run`) and what the output folder now holds (`totals`)."""
+
+    output: str
+    units: int
+    units_skipped: int
+    units_embedded: int
+    totals: dict
+    this_run: dict
+    seconds: float
+
+    def summary(self) -> str:
+        t, r = self.totals, self.this_run
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(t["dead_letter_reasons"].items())) or "none"
+        latency = (f", batch latency mean {r['batch_latency_ms_mean']:.0f} ms / max {r['batch_latency_ms_max']} ms"
+                   if r.get("batches") else "")
+        return (f"{t['embedded']} of {t['items']} items embedded, {t['dead_letters']} dead-lettered ({reasons}), "
+                f"{t['captions']} captions embedded, in {self.units} units. "
+                f"This run: {self.units_embedded} units embedded, {self.units_skipped} skipped as already done, "
+                f"{r.get('items_read', 0)} items read, {r.get('batches', 0)} batches, "
+                f"{r.get('recompiles', 0)} recompiles after warm-up{latency}, {self.seconds:.1f} s.")
+
+
+def _defaults(opts: EmbedOptions) -> tuple[str, str, str]:
+    from koclip.data import demo_embeddings_dir, demo_model_dir
+
+    source = opts.input
+    if source is None:
+        from koclip.data.emoji_ko import ensure_emoji_ko
+
+        source = ensure_emoji_ko()
+    return source, opts.output or demo_embeddings_dir(), opts.model or demo_model_dir()
+
+
+def _load_model_info(model: str, is_default: bool) -> tuple[str, dict, int]:
+    from koclip.checkpoint import CheckpointError, load_checkpoint
+
+    if not fs.exists(fs.join(model, "config.json")):
+        hint = ("train the demo model first: python -m jobs.train" if is_default
+                else "give a checkpoint folder (config.json + flax_model.msgpack)")
+        raise PlanError(f"no model at {model}: {hint}")
+    try:
+        ckpt = load_checkpoint(model)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise PlanError(str(e)) from None
+    return ckpt.fingerprint, ckpt.config.to_dict(), ckpt.config.projection_dim
+
+
+def _clear(output: str) -> None:
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    for path in filesystem.glob(f"{root}/shard-*.parquet") + [f"{root}/{RUN_FILE}"]:
+        if filesystem.exists(path):
+            filesystem.rm(path)
+    for folder in (DONE_DIR, DEAD_LETTER_DIR):
+        if filesystem.exists(f"{root}/{folder}"):
+            filesystem.rm(f"{root}/{folder}", recursive=True)
+
+
+def _done_markers(output: str) -> dict[int, dict]:
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(output)
+    markers = {}
+    for path in filesystem.glob(f"{root.rstrip('/')}/{DONE_DIR}/unit-*.json"):
+        marker = json.loads(filesystem.cat_file(path))
+        markers[marker["unit"]] = marker
+    return markers
+
+
+def plan(opts: EmbedOptions) -> Plan:
+    source, output, model = _defaults(opts)
+    fingerprint, config, dim = _load_model_info(model, is_default=opts.model is None)
+    items = list_items(source)
+    units = make_units(items, opts.unit_size)
+    run_info = {"input": source, "listing": listing_digest(items), "items": len(items), "unit_size": opts.unit_size,
+                "units": len(units), "fingerprint": fingerprint, "embedding_dtype": opts.embedding_dtype,
+                "model": model}
+    run_path = fs.join(output, RUN_FILE)
+    if opts.overwrite:
+        _clear(output)
+    elif fs.exists(run_path):
+        previous = json.loads(fs.read_bytes(run_path))
+        changed = [k for k in ("listing", "unit_size", "fingerprint", "embedding_dtype") if previous.get(k) != run_info[k]]
+        if changed:
+            raise PlanError(f"{output} holds a run with a different {', '.join(changed)} "
+                            f"({', '.join(f'{k}: {previous.get(k)} -> {run_info[k]}' for k in changed)}); "
+                            "pass --overwrite to replace it, or choose another --output")
+    fs.write_bytes(run_path, json.dumps(run_info, ensure_ascii=False, indent=1).encode())
+    done = _done_markers(output)
+    pending = [u for u in units if done.get(u.index, {}).get("key") != u.key]
+    return Plan(source, output, model, fingerprint, config, dim, units, pending, run_info)
+
+
+def _unit_items(unit: Unit):
+    ref = UnitRef(unit.index, unit.key, len(unit.items))
+    return ((ref, item) for item in unit.items)
+
+
+def _inference_failures(failure):
+    batch, error = failure
+    for decoded in batch:
+        yield DeadLetter(decoded.unit, decoded.item.id, decoded.item.uri, "embed", "inference_failed",
+                         f"{type(error).__name__}: {error}")
+
+
+def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
+    from koclip.config import HybridCLIPConfig
+    from koclip.processing import ImagePreprocessor
+
+    config = HybridCLIPConfig.from_dict(p.config)
+    handler = KoclipModelHandler(p.model, batch_size=opts.batch_size, dtype=opts.dtype)
+    decoded = (
+        pipeline
+        | "Units" >> beam.Create(p.pending)
+        | "Spread" >> beam.Reshuffle()
+        | "Items" >> beam.FlatMap(_unit_items)
+        | "Decode" >> beam.ParDo(DecodeItem(ImagePreprocessor.from_config(config, opts.max_pixels)))
+        .with_outputs(DEAD, main="ok"))
+    embedded, failed = decoded.ok | "Embed" >> RunInference(handler).with_exception_handling()
+    failed_items = failed.failed_inferences | "InferenceFailures" >> beam.FlatMap(_inference_failures)
+    return ((embedded, decoded[DEAD], failed_items)
+            | "Outcomes" >> beam.Flatten()
+            | "Write" >> beam.ParDo(WriteUnits(p.output, p.fingerprint, p.config, p.dim, opts.embedding_dtype)))
+
+
+def _local_runner(options):
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "in_memory":
+        direct.direct_running_mode = "multi_threading"
+    direct.direct_num_workers = direct.direct_num_workers or default_workers()
+    return FnApiRunner()
+
+
+def _metrics(result) -> dict:
+    found = {}
+    metrics = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    for counter in metrics["counters"]:
+        found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + counter.committed
+    for dist in metrics["distributions"]:
+        if dist.key.metric.name == "batch_latency_ms" and dist.committed and dist.committed.count:
+            found["batch_latency_ms_mean"] = dist.committed.mean
+            found["batch_latency_ms_max"] = dist.committed.max
+    return found
+
+
+def _totals(markers: list[dict]) -> dict:
+    reasons: dict[str, int] = {}
+    for m in markers:
+        for reason, n in m["dead_letter_reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    return {"items": sum(m["items"] for m in markers), "embedded": sum(m["embedded"] for m in markers),
+            "dead_letters": sum(m["dead_letters"] for m in markers), "captions": sum(m["captions"] for m in markers),
+            "dead_letter_reasons": reasons}
+
+
+def run(argv: list[str] | None = None) -> EmbedResult:
+    """Run the pipeline to the end; raises OptionsError / ListingError / PlanError for bad input."""
+    started = time.perf_counter()
+    opts, options = parse(list(sys.argv[1:] if argv is None else argv))
+    p = plan(opts)
+    log.info("%d units of up to %d items; %d already done, %d to embed", len(p.units), opts.unit_size,
+             len(p.units) - len(p.pending), len(p.pending))
+    this_run: dict = {}
+    if p.pending:
+        runner = None if options.view_as(StandardOptions).runner else _local_runner(options)
+        pipeline = beam.Pipeline(runner=runner, options=options)
+        build(pipeline, p, opts)
+        result = pipeline.run()
+        result.wait_until_finish()
+        this_run = _metrics(result)
+    markers = _done_markers(p.output)
+    finished = [markers[u.index] for u in p.units if markers.get(u.index, {}).get("key") == u.key]
+    if len(finished) != len(p.units):
+        raise RuntimeError(f"{len(p.units) - len(finished)} units were not written; rerun to finish them")
+    return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), len(p.pending), _totals(finished),
+                       this_run, time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        result = run(argv)
+    except (OptionsError, ListingError, PlanError) as e:
+        print(f"pipelines.embed: error: {e}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    print(f"shards: {fs.join(result.output, 'shard-*.parquet')}")
+    if result.totals["dead_letters"]:
+        print(f"dead letters: {fs.join(result.output, DEAD_LETTER_DIR)}/unit-*.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""What the embedding pipeline reads: the input listing, split into deterministic work units.
+
+An input is either
+  - a manifest: JSONL (`.jsonl`/`.json`), CSV (`.csv`) or Parquet (`.parquet`), one item per
+    row with `id`, `image` (also spelled `uri`, `image_uri` or `path`) and optional `captions`
+    (a list, or one string; also spelled `caption` or `text`; in CSV a JSON list or a plain
+    string) and `split`. Relative image paths are relative to the manifest's folder.
+  - a folder or a glob of images (`photos/`, `gs://bucket/imgs/**/*.jpg`), clip-retrieval's
+    layout: `x.jpg` takes its caption from a sidecar `x.txt` when there is one.
+Local paths and any fsspec URL (gs://) behave alike.
+
+A structurally bad manifest (unreadable, not JSON, no id or image, a repeated id) is refused
+before anything runs: `ListingError`, one line. Bad *content* (an empty caption, an image that
+does not exist or does not decode) is the pipeline's business: such items become dead letters.
+
+The listing, in its order (manifests) or sorted by path (globs), is cut into units of
+`unit_size` items. A unit's key is a hash of its items, so a rerun over the same listing
+finds the same units, and the pipeline can skip the ones already done.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass, field
+
+import fsspec
+
+from koclip import fs
+from koclip.data.manifest import resolve_uri
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+MANIFEST_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+_IMAGE_KEYS = ("image", "uri", "image_uri", "path")
+_CAPTION_KEYS = ("captions", "caption", "text")
+
+
+class ListingError(ValueError):
+    """An input that cannot be listed: missing, empty, or a manifest with a bad row."""
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    uri: str
+    captions: tuple[str, ...] = ()
+    split: str | None = None
+    caption_uri: str | None = None  # a sidecar caption file, read by the workers
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    key: str
+    items: tuple[Item, ...] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"
+
+
+def _captions(value, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value):
+        return tuple(value)
+    raise ListingError(f"{where}: captions must be a string or a list of strings, got {value!r}")
+
+
+def _item(row: dict, where: str, manifest_path: str) -> Item:
+    rid = row.get("id")
+    if rid is None or isinstance(rid, bool) or str(rid).strip() == "":
+        raise ListingError(f"{where}: missing 'id'")
+    image = next((row[k] for k in _IMAGE_KEYS if row.get(k)), None)
+    if not isinstance(image, str) or not image.strip():
+        raise ListingError(f"{where}: missing 'image' (or uri/image_uri/path)")
+    caption_value = next((row[k] for k in _CAPTION_KEYS if k in row), None)
+    split = row.get("split")
+    return Item(str(rid), resolve_uri(image.strip(), manifest_path), _captions(caption_value, where),
+                None if split in (None, "") else str(split))
+
+
+def _jsonl_rows(data: bytes, path: str):
+    for lineno, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+        if line.strip():
+            try:
+                yield json.loads(line), f"{path}:{lineno}"
+            except json.JSONDecodeError as e:
+                raise ListingError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+def _csv_rows(data: bytes, path: str):
+    for lineno, row in enumerate(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))), start=2):
+        for key in _CAPTION_KEYS:
+            text = row.get(key)
+            if text is not None and text.lstrip().startswith("["):
+                try:
+                    row[key] = json.loads(text)
+                except json.JSONDecodeError:
+                    pass  # a caption that happens to start with "["
+        yield row, f"{path}:{lineno}"
+
+
+def _parquet_rows(data: bytes, path: str):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield row, f"{path}: row {number}"
+
+
+def read_manifest_items(path: str) -> list[Item]:
+    try:
+        data = fs.read_bytes(path)
+    except FileNotFoundError:
+        raise ListingError(f"input manifest not found: {path}") from None
+    lower = path.lower()
+    rows = (_csv_rows if lower.endswith(".csv") else
+            _parquet_rows if lower.endswith(".parquet") else _jsonl_rows)(data, path)
+    items: list[Item] = []
+    seen: dict[str, str] = {}
+    for row, where in rows:
+        if not isinstance(row, dict):
+            raise ListingError(f"{where}: not an object")
+        item = _item(row, where, path)
+        if item.id in seen:
+            raise ListingError(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]})")
+        seen[item.id] = where
+        items.append(item)
+    return items
+
+
+def _glob(pattern: str) -> list[str]:
+    filesystem, fs_path = fsspec.core.url_to_fs(pattern)
+    protocol = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+    return sorted(protocol + p if protocol and not p.startswith(protocol) else p
+                  for p in filesystem.glob(fs_path) if not filesystem.isdir(p))
+
+
+def list_images(source: str) -> list[Item]:
+    """Images under a folder (recursively) or matching a glob, with their sidecar .txt captions."""
+    is_glob = any(ch in source for ch in "*?[")
+    root = source.split("*")[0].rsplit("/", 1)[0] if is_glob else source.rstrip("/")
+    if not is_glob and not fs.is_dir(source):
+        raise ListingError(f"input not found: {source} (give a folder, a glob of images, or a "
+                           f"manifest ending in {', '.join(MANIFEST_EXTENSIONS)})")
+    paths = _glob(source if is_glob else f"{root}/**")
+    sidecars = {p[:-4] for p in paths if p.lower().endswith(".txt")}
+    items = []
+    for path in paths:
+        stem, ext = posixpath.splitext(path)
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            continue
+        rel = path[len(root):].lstrip("/") if path.startswith(root) else posixpath.basename(path)
+        items.append(Item(rel, path, (), None, stem + ".txt" if stem in sidecars else None))
+    if not items:
+        raise ListingError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found at {source}")
+    return items
+
+
+def list_items(source: str) -> list[Item]:
+    if source.lower().endswith(MANIFEST_EXTENSIONS):
+        items = read_manifest_items(source)
+        if not items:
+            raise ListingError(f"input manifest is empty: {source}")
+        return items
+    return list_images(source)
+
+
+def listing_digest(items: list[Item]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.id, item.uri, item.captions, item.split, item.caption_uri],
+                                 ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+def make_units(items: list[Item], unit_size: int) -> list[Unit]:
+    if unit_size < 1:
+        raise ListingError(f"--unit_size must be at least 1, got {unit_size}")
+    units = []
+    for index, start in enumerate(range(0, len(items), unit_size)):
+        chunk = tuple(items[start:start + unit_size])
+        units.append(Unit(index, listing_digest(list(chunk)), chunk))
+    return units

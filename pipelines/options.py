@@ -1,0 +1,108 @@
+"""Command-line options of the embedding pipeline, as a Beam `PipelineOptions` subclass.
+
+Our flags come first in `--help`; every other Beam flag (--runner, --project, --region,
+--temp_location, --setup_file, --machine_type, --dataflow_service_options, ...) passes through
+to Beam. An unknown flag is refused with one line, rather than silently ignored as Beam does.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from koclip.processing import DEFAULT_MAX_PIXELS
+
+DESCRIPTION = """Embed images and their captions with a KoCLIP model into Parquet shards.
+
+With no arguments: the emoji-ko sample (built on first use) with the demo model
+(`python -m jobs.train`), into ~/.cache/koclip/embeddings/emoji-ko, on the local runner.
+Rerunning continues where a crashed or killed run stopped: finished units are skipped."""
+
+EPILOG = """Any Beam pipeline option is accepted too. Locally (no --runner): Beam's FnApiRunner,
+multi-threaded, nothing downloaded. On Dataflow, e.g.:
+  --runner=DataflowRunner --project=P --region=us-central1 --temp_location=gs://B/tmp
+  --setup_file=./setup.py --machine_type=n1-standard-8
+  --dataflow_service_options="worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
+(see the README for the full recipe)."""
+
+
+class EmbedOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", default=None,
+                            help="a manifest (.jsonl/.csv/.parquet with id, image, captions) or a folder / "
+                                 "glob of images with optional x.txt caption sidecars; local or gs:// "
+                                 "(default: the emoji-ko sample)")
+        parser.add_argument("--output", default=None,
+                            help="folder for the shards, dead letters and run state, local or gs:// "
+                                 "(default: ~/.cache/koclip/embeddings/emoji-ko)")
+        parser.add_argument("--model", default=None,
+                            help="checkpoint folder, local or gs:// (default: the demo model from "
+                                 "`python -m jobs.train`)")
+        parser.add_argument("--batch_size", type=int, default=32, help="images per model call (fixed shape)")
+        parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                            help="compute dtype of the encoders")
+        parser.add_argument("--embedding_dtype", choices=("float32", "float16"), default="float32",
+                            help="storage dtype of the embeddings in Parquet")
+        parser.add_argument("--unit_size", type=int, default=1000,
+                            help="items per work unit; each unit is one shard and one resume step")
+        parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                            help="images with more pixels are dead-lettered (decompression bombs)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="delete this output's previous results and embed everything again")
+
+
+class OptionsError(ValueError):
+    """A bad flag or flag value: reported as one line."""
+
+
+def _all_option_classes(cls=PipelineOptions):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_option_classes(sub)
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for cls in _all_option_classes():
+        try:
+            cls._add_argparse_args(parser)
+        except argparse.ArgumentError:
+            pass  # the same flag registered by two classes
+    return parser
+
+
+def help_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.embed", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    EmbedOptions._add_argparse_args(parser)
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[EmbedOptions, PipelineOptions]:
+    """argv -> (our options, all pipeline options). Exits with --help; OptionsError on bad flags."""
+    ours = help_parser()
+    ours.error = _raise_options_error  # argparse would print usage and exit(2) itself
+    if "-h" in argv or "--help" in argv:
+        help_parser().parse_args(["--help"])
+    known, rest = ours.parse_known_args(argv)
+    parser = _beam_parser()
+    parser.error = _raise_options_error
+    _, unknown = parser.parse_known_args(rest)
+    if unknown:
+        raise OptionsError(f"unknown option {unknown[0]!r} (see python -m pipelines.embed --help)")
+    if known.batch_size < 1:
+        raise OptionsError(f"--batch_size must be at least 1, got {known.batch_size}")
+    if known.unit_size < 1:
+        raise OptionsError(f"--unit_size must be at least 1, got {known.unit_size}")
+    options = PipelineOptions(argv)
+    return options.view_as(EmbedOptions), options
+
+
+def _raise_options_error(message: str):
+    raise OptionsError(message.strip().replace("\n", " "))
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)

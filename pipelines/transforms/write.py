@@ -1,0 +1,112 @@
+"""Write each work unit once all of its items are accounted for: a Parquet shard of the
+embedded ones, a JSONL file of the dead letters, then the unit's done marker, in that order.
+
+Every file is published whole (koclip.fs.write_bytes), and the done marker comes last, so a
+crash at any point leaves either a finished unit or one that the next run redoes; a redone
+unit overwrites its shard with the same rows. The writer runs fused with decoding and
+inference (no shuffle in between), so units are committed as the job goes, not at its end.
+
+Output folder layout:
+  shard-00003.parquet               embedded items of unit 3 (koclip.store schema)
+  dead-letters/unit-00003.jsonl     {"id", "uri", "stage", "reason", "message"} per line
+  _done/unit-00003.json             the unit's key and counts, written last
+  _run.json                         the run: input, listing digest, unit size, model fingerprint
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from koclip import fs, store
+from pipelines.transforms.decode import NAMESPACE, DeadLetter, UnitRef
+from pipelines.transforms.model_handler import Embedded
+
+DONE_DIR = "_done"
+DEAD_LETTER_DIR = "dead-letters"
+RUN_FILE = "_run.json"
+
+
+def shard_path(output: str, index: int) -> str:
+    return fs.join(output, f"shard-{index:05d}.parquet")
+
+
+def dead_letter_path(output: str, index: int) -> str:
+    return fs.join(output, DEAD_LETTER_DIR, f"unit-{index:05d}.jsonl")
+
+
+def done_path(output: str, index: int) -> str:
+    return fs.join(output, DONE_DIR, f"unit-{index:05d}.json")
+
+
+@dataclass
+class _Pending:
+    unit: UnitRef
+    rows: list = field(default_factory=list)
+    dead: list = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.rows) + len(self.dead) == self.unit.size
+
+
+class WriteUnits(beam.DoFn):
+    """Embedded | DeadLetter -> (files written as a side effect) -> the unit's done record."""
+
+    def __init__(self, output: str, fingerprint: str, config: dict, dim: int, embedding_dtype: str):
+        self.output, self.fingerprint, self.config = output, fingerprint, config
+        self.dim, self.embedding_dtype = dim, embedding_dtype
+        self.units_written = Metrics.counter(NAMESPACE, "units_written")
+
+    def start_bundle(self):
+        self.pending: dict[int, _Pending] = {}
+
+    def process(self, element):
+        unit = element.unit
+        pending = self.pending.setdefault(unit.index, _Pending(unit))
+        if isinstance(element, DeadLetter):
+            pending.dead.append(element)
+        else:
+            pending.rows.append(_row(element))
+        if pending.complete:
+            del self.pending[unit.index]
+            yield self._write(pending)
+
+    def finish_bundle(self):
+        if self.pending:
+            # Cannot happen while the writer is fused with decoding: a unit's items never leave
+            # the bundle that expanded it. Failing beats writing a partial shard.
+            parts = ", ".join(f"unit {p.unit.index}: {len(p.rows) + len(p.dead)} of {p.unit.size}"
+                              for p in self.pending.values())
+            raise RuntimeError(f"bundle ended with incomplete units ({parts})")
+
+    def _write(self, pending: _Pending) -> dict:
+        index = pending.unit.index
+        if pending.rows:
+            table = store.rows_to_table(pending.rows, self.fingerprint, self.config, self.dim, self.embedding_dtype)
+            store.write_shard(shard_path(self.output, index), table)
+        if pending.dead:
+            lines = "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in pending.dead)
+            fs.write_bytes(dead_letter_path(self.output, index), lines.encode())
+        done = {
+            "unit": index,
+            "key": pending.unit.key,
+            "items": pending.unit.size,
+            "embedded": len(pending.rows),
+            "dead_letters": len(pending.dead),
+            "dead_letter_reasons": dict(Counter(d.reason for d in pending.dead)),
+            "captions": sum(len(r.captions) for r in pending.rows),
+            "shard": f"shard-{index:05d}.parquet" if pending.rows else None,
+        }
+        fs.write_bytes(done_path(self.output, index), json.dumps(done).encode())
+        self.units_written.inc()
+        return done
+
+
+def _row(embedded: Embedded) -> store.Row:
+    d = embedded.decoded
+    return store.Row(d.item.id, d.item.uri, d.sha256, d.width, d.height, list(d.captions),
+                     embedded.image_embedding, embedded.caption_embeddings, d.item.split)
