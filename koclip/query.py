@@ -1,0 +1,446 @@
+"""Query an index from Python or the shell: search, zero-shot classification, text-to-patch ranking.
+
+  python -m koclip.query "빨간 사과" [--index DIR] [--model DIR] [-k 10] [--json]
+  python -m koclip.query --image photo.jpg                   images most like a picture
+  python -m koclip.query --classify photo.jpg --labels 사과,배,고양이 [--template "이것은 {} 이다."]
+  python -m koclip.query --patches photo.jpg --text "빨간 사과" [--grid 3x3] [--mode tokens] [--out heat.png]
+
+Without --index/--model the demo index (`python -m pipelines.index`) and the demo model
+(`python -m jobs.train`) in ~/.cache/koclip are used. In Python:
+
+  from koclip.query import search, classify, rank_patches
+  search("소파 위에 고양이", k=10)          # -> [Hit(rank, score, id, uri, captions), ...]
+
+A `str` query is always text; an image is a `pathlib.Path`, `bytes` or a `PIL.Image.Image`; a
+numpy vector [D] (or [N, D]) is searched as it is, after L2 normalisation. A list is a batch and
+gets a list of hit lists. Models and indexes given by path are loaded once per process and
+reused (`cache_info()`, `clear_cache()`); queries are embedded through
+koclip.encoders.checkpoint_encoders, the functions evaluation and the embedding pipeline use.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+
+from koclip.processing import ImageDecodeError
+
+DEFAULT_TEMPLATE = "이것은 {} 이다."  # the zero-shot prompt jobs.evaluate uses
+DEFAULT_BATCH_SIZE = 8  # the fixed encoder batch: small, since queries come one or a few at a time
+IMAGE_TYPES = (pathlib.PurePath, bytes, bytearray, memoryview, Image.Image)
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (missing index or model, bad arguments)."""
+
+
+class QueryImageError(ImageDecodeError, QueryError):
+    """A query image that cannot be decoded; `reason` is ImageDecodeError's tag (not_an_image, ...)."""
+
+    def __init__(self, reason: str, message: str, what: str):
+        super().__init__(reason, f"query image {what}: {message}")
+
+
+class FingerprintMismatch(QueryError):
+    """The index was built from embeddings of another model than the one embedding the queries."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int  # 1-based
+    score: float  # cosine similarity of the query and the item's embedding
+    id: str
+    uri: str
+    captions: list[str]
+
+
+# ---------------------------------------------------------------- models
+
+
+class QueryModel:
+    """A checkpoint ready to embed queries: encoders jitted once per shape and reused."""
+
+    def __init__(self, ckpt, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32"):
+        from koclip.encoders import checkpoint_encoders
+        from koclip.processing import ImagePreprocessor
+
+        self.checkpoint = ckpt
+        self.config = ckpt.config
+        self.fingerprint = ckpt.fingerprint
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.encoders = checkpoint_encoders(ckpt, batch_size, dtype)
+        self.preprocessor = ImagePreprocessor.from_config(ckpt.config)
+        self.logit_scale = float(ckpt.model(dtype).logit_scale(ckpt.params))
+        self._patch_encoder = None
+
+    def open(self, source):
+        """A query image (Path, bytes or PIL image) as an RGB PIL image; QueryImageError if it
+        cannot be decoded."""
+        from koclip.processing import open_image
+
+        if not isinstance(source, IMAGE_TYPES):
+            raise TypeError(f"an image query is a pathlib.Path, bytes or a PIL image, not {type(source).__name__}")
+        what = str(source) if isinstance(source, pathlib.PurePath) else f"({type(source).__name__})"
+        try:
+            return open_image(source, self.preprocessor.max_pixels)
+        except ImageDecodeError as e:
+            raise QueryImageError(e.reason, e.message, what) from None
+
+    def embed_images(self, sources) -> np.ndarray:
+        """L2-normalised float32 [N, D] for images given as Path, bytes or PIL images."""
+        from koclip.processing import preprocess_image
+
+        p = self.preprocessor
+        pixels = [preprocess_image(self.open(s), p.size, p.mean, p.std, p.resize_shortest_edge) for s in sources]
+        return np.asarray(self.encoders.images(np.stack(pixels)), dtype=np.float32)
+
+    def embed_texts(self, texts) -> np.ndarray:
+        """L2-normalised float32 [N, D]."""
+        texts = list(texts)
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise QueryError("a text query is empty")
+        return np.asarray(self.encoders.texts(texts), dtype=np.float32)
+
+    def embed_patches(self, pixels: np.ndarray) -> np.ndarray:
+        """Per-patch-token embeddings [B, P, D] of preprocessed pixels (koclip.patches, mode tokens)."""
+        if self._patch_encoder is None:
+            from koclip.modeling.parallel import BatchEncoder
+
+            model = self.checkpoint.model(self.dtype)
+            self._patch_encoder = BatchEncoder(model.encode_patches, model.cast_params(self.checkpoint.params), 1)
+        return self._patch_encoder(pixels)
+
+    def compiles(self) -> dict:
+        """How many times each jitted encoder was traced so far."""
+        counts = dict(self.encoders.compiles())
+        counts["patches"] = self._patch_encoder.compiles if self._patch_encoder else 0
+        return counts
+
+
+_MODELS: dict[tuple, QueryModel] = {}
+_INDEXES: dict[str, object] = {}
+_LOADS: Counter = Counter()
+
+
+def _default(path, default_fn) -> str:
+    return os.fspath(path) if path is not None else default_fn()
+
+
+def load_model(path=None, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32") -> QueryModel:
+    """The checkpoint at `path` (default: the demo model) as a QueryModel, cached per process."""
+    from koclip import fs
+    from koclip.checkpoint import load_checkpoint
+    from koclip.data import demo_model_dir
+
+    path = _default(path, demo_model_dir)
+    key = (path if "://" in path else os.path.abspath(path), batch_size, dtype)
+    if key not in _MODELS:
+        if not fs.exists(fs.join(path, "config.json")):
+            raise QueryError(f"no model at {path}; train the demo model with `python -m jobs.train` "
+                             "or pass a checkpoint directory (--model DIR)")
+        _MODELS[key] = QueryModel(load_checkpoint(path), batch_size, dtype)
+        _LOADS["model"] += 1
+    return _MODELS[key]
+
+
+def load_index(path=None):
+    """The index at `path` (default: the demo index), cached per process by its resolved version,
+    so publishing a new version under the same root is picked up by the next call."""
+    from koclip import fs
+    from koclip import index as faiss_index
+    from koclip.data import demo_index_dir
+
+    path = _default(path, demo_index_dir)
+    if not fs.exists(path):
+        raise QueryError(f"no index at {path}; build one with `python -m pipelines.index` (or pass --index DIR)")
+    key = faiss_index.resolve_version(path)
+    if "://" not in key:
+        key = os.path.abspath(key)
+    if key not in _INDEXES:
+        _INDEXES[key] = faiss_index.load_index(key)
+        _LOADS["index"] += 1
+    return _INDEXES[key]
+
+
+def cache_info() -> dict:
+    """{"model_loads", "index_loads": loads so far; "models", "indexes": what is cached}."""
+    return {"model_loads": _LOADS["model"], "index_loads": _LOADS["index"],
+            "models": [key[0] for key in _MODELS], "indexes": list(_INDEXES)}
+
+
+def clear_cache() -> None:
+    """Forget every cached model and index (the load counters keep counting)."""
+    _MODELS.clear()
+    _INDEXES.clear()
+
+
+def _model(model) -> QueryModel:
+    if isinstance(model, QueryModel):
+        return model
+    from koclip.checkpoint import Checkpoint
+
+    if isinstance(model, Checkpoint):  # not cached: wrap it once in QueryModel to reuse it
+        return QueryModel(model)
+    return load_model(model)
+
+
+def _index(index):
+    if index is None or isinstance(index, (str, os.PathLike)):
+        return load_index(index)
+    return index
+
+
+def check_compatible(index, model: QueryModel) -> None:
+    if index.fingerprint != model.fingerprint:
+        where = getattr(index, "path", None) or "the index"
+        raise FingerprintMismatch(
+            f"{where} holds embeddings of model {index.fingerprint}, but the query model is "
+            f"{model.fingerprint}; query with the model that embedded the corpus, or re-embed and rebuild the index")
+
+
+# ---------------------------------------------------------------- search
+
+
+def _kind(item) -> str:
+    if isinstance(item, str):
+        return "text"
+    if isinstance(item, IMAGE_TYPES):
+        return "image"
+    if isinstance(item, np.ndarray) and item.ndim == 1:
+        return "vector"
+    raise TypeError(f"a query is a str (text), a pathlib.Path, bytes or PIL image (image) or a 1-D numpy "
+                    f"vector, not {type(item).__name__}" + (f" of shape {item.shape}" if hasattr(item, "shape") else ""))
+
+
+def _as_batch(query) -> tuple[list, bool]:
+    """(items, whether the query was a single item)."""
+    if isinstance(query, np.ndarray) and query.ndim == 2:
+        return list(query), False
+    if isinstance(query, (list, tuple)):
+        return list(query), False
+    return [query], True
+
+
+def embed_queries(items: list, model, dim: int) -> np.ndarray:
+    """float32 [N, dim], L2-normalised: texts and images through the model, vectors as given."""
+    kinds = [_kind(item) for item in items]
+    out = np.zeros((len(items), dim), dtype=np.float32)
+    for kind, embed in (("text", lambda m, xs: m.embed_texts(xs)), ("image", lambda m, xs: m.embed_images(xs))):
+        positions = [i for i, k in enumerate(kinds) if k == kind]
+        if positions:
+            out[positions] = embed(model(), [items[i] for i in positions])
+    for i in (i for i, k in enumerate(kinds) if k == "vector"):
+        vector = np.asarray(items[i], dtype=np.float32)
+        norm = float(np.linalg.norm(vector))
+        if vector.shape != (dim,) or not np.isfinite(norm) or norm == 0:
+            raise QueryError(f"a query vector must be a finite, non-zero vector of the index's dimension {dim}, "
+                             f"got shape {vector.shape} and norm {norm}")
+        out[i] = vector / norm
+    return out
+
+
+def search(query, k: int = 10, index=None, model=None):
+    """The k items nearest to `query`, best first, as Hits; a list of hit lists for a batch.
+
+    query: a str (text), a pathlib.Path / bytes / PIL image (image), a numpy vector [D], or a
+        list of these / a numpy array [N, D] (a batch).
+    index: an index path (default: the demo index) or a loaded index (koclip.index.load_index).
+    model: a checkpoint path (default: the demo model), a QueryModel or a Checkpoint. Not
+        loaded when every query is a vector. Its fingerprint must be the index's.
+    Fewer than k hits come back when the index holds fewer than k items.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise QueryError(f"k must be a positive integer, got {k!r}")
+    items, single = _as_batch(query)
+    if not items:
+        return []
+    idx = _index(index)
+    loaded = []
+
+    def get_model():
+        if not loaded:
+            loaded.append(_model(model))
+            check_compatible(idx, loaded[0])
+        return loaded[0]
+
+    vectors = embed_queries(items, get_model, int(idx.dim))
+    scores, rows = idx.search(vectors, int(k))
+    results = []
+    for query_scores, query_rows in zip(np.asarray(scores), np.asarray(rows)):
+        found = query_rows >= 0
+        records = idx.records(query_rows[found])
+        results.append([Hit(rank, float(score), str(r["id"]), str(r["uri"]), list(r["captions"] or []))
+                        for rank, (score, r) in enumerate(zip(query_scores[found], records), start=1)])
+    return results[0] if single else results
+
+
+# ---------------------------------------------------------------- classify and patches
+
+
+def classify(image, labels, template: str = DEFAULT_TEMPLATE, model=None):
+    """Zero-shot label probabilities of an image: softmax over the labels of
+    logit_scale x cosine(image, template.format(label)), as (label, probability) best first.
+
+    A list of images gives one such list per image (the prompts are embedded once).
+    """
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    if not labels:
+        raise QueryError("classify needs at least one label")
+    if any(not isinstance(label, str) or not label.strip() for label in labels):
+        raise QueryError("a label is empty")
+    if len(set(labels)) != len(labels):
+        raise QueryError("the labels repeat: " + ", ".join(sorted({x for x in labels if labels.count(x) > 1})))
+    if not isinstance(template, str) or "{}" not in template:
+        raise QueryError(f"the prompt template must contain '{{}}' for the label, got {template!r}")
+    images, single = ([image], True) if not isinstance(image, (list, tuple)) else (list(image), False)
+    if not images:
+        return []
+    m = _model(model)
+    prompts = m.embed_texts([template.format(label) for label in labels]).astype(np.float64)
+    logits = m.logit_scale * (m.embed_images(images).astype(np.float64) @ prompts.T)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    results = [[(labels[j], float(p[j])) for j in np.argsort(-p, kind="stable")] for p in probs]
+    return results[0] if single else results
+
+
+def rank_patches(text: str, image, grid=(3, 3), mode: str = "crops", model=None):
+    """Score a rows x cols grid of cells of `image` against `text` (koclip.patches explains the
+    "crops" and "tokens" modes); returns a koclip.patches.PatchRanking with boxes, scores,
+    ranks, score_grid, overlay() and save_overlay(path)."""
+    from koclip.patches import PatchError, rank_patches_with
+
+    try:
+        return rank_patches_with(_model(model), text, image, grid, mode)
+    except PatchError as e:  # bad grid, mode or text
+        raise QueryError(str(e)) from None
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _read_image(path: str) -> bytes:
+    """A query image named on the command line (local path or any fsspec URL), as bytes."""
+    from koclip import fs
+
+    try:
+        return fs.read_bytes(path)
+    except FileNotFoundError:
+        raise QueryImageError("not_found", "no such file", path) from None
+
+
+def _hits_table(hits: list[Hit]) -> str:
+    if not hits:
+        return "(no hits: the index is empty)"
+    id_width = max(len("id"), *(len(h.id) for h in hits))
+    uri_width = max(len("uri"), *(len(h.uri) for h in hits))
+    lines = [f"{'rank':>4}  {'score':>7}  {'id':<{id_width}}  {'uri':<{uri_width}}  captions"]
+    lines += [f"{h.rank:>4}  {h.score:7.4f}  {h.id:<{id_width}}  {h.uri:<{uri_width}}  {' / '.join(h.captions)}"
+              for h in hits]
+    return "\n".join(lines)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, ensure_ascii=False, indent=2))
+
+
+def _run_search(args) -> None:
+    queries = list(args.texts) + [pathlib.Path(p) for p in args.image]
+    if not queries:
+        raise QueryError("nothing to search for: give a text, --image PATH, --classify or --patches")
+    # Read images through fsspec (gs:// too); name them by what was typed.
+    items = list(args.texts) + [_read_image(p) for p in args.image]
+    results = search(items, k=args.k, index=args.index, model=args.model)
+    names = list(args.texts) + list(args.image)
+    if args.json:
+        _print_json([{"query": name, "hits": [asdict(h) for h in hits]} for name, hits in zip(names, results)])
+        return
+    for i, (name, hits) in enumerate(zip(names, results)):
+        print(("\n" if i else "") + f"query: {name}")
+        print(_hits_table(hits))
+
+
+def _run_classify(args) -> None:
+    if not args.labels:
+        raise QueryError("--classify needs --labels a,b,c")
+    labels = [label.strip() for label in args.labels.split(",")]
+    ranked = classify(_read_image(args.classify), labels, template=args.template, model=args.model)
+    if args.json:
+        _print_json({"image": args.classify, "template": args.template, "probabilities": dict(ranked)})
+        return
+    width = max(len("label"), *(len(label) for label, _ in ranked))
+    print(f"{'label':<{width}}  probability")
+    for label, prob in ranked:
+        print(f"{label:<{width}}  {prob:11.4f}")
+
+
+def _run_patches(args) -> None:
+    if not args.text:
+        raise QueryError("--patches needs --text TEXT")
+    result = rank_patches(" ".join(args.text), _read_image(args.patches), grid=args.grid, mode=args.mode,
+                          model=args.model)
+    if args.out:
+        result.save_overlay(args.out)
+    if args.json:
+        _print_json({"image": args.patches, "text": result.text, "mode": result.mode, "grid": list(result.grid),
+                     "cells": result.cells(), "overlay": args.out})
+        return
+    print(f"{'rank':>4}  {'score':>7}  {'row':>3}  {'col':>3}  box (x0, y0, x1, y1)")
+    for cell in result.cells():
+        print(f"{cell['rank']:>4}  {cell['score']:7.4f}  {cell['row']:>3}  {cell['col']:>3}  {tuple(cell['box'])}")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m koclip.query", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="text queries (each one is searched)")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="an image query, local or gs:// (repeatable)")
+    parser.add_argument("--index", help="index directory (default: the demo index in ~/.cache/koclip)")
+    parser.add_argument("--model", help="checkpoint directory (default: the demo model in ~/.cache/koclip)")
+    parser.add_argument("-k", type=int, default=10, help="hits per query (default: 10)")
+    parser.add_argument("--classify", metavar="IMAGE", help="zero-shot classify IMAGE over --labels instead")
+    parser.add_argument("--labels", help="comma-separated labels for --classify")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE,
+                        help=f"--classify prompt, '{{}}' is the label (default: {DEFAULT_TEMPLATE!r})")
+    parser.add_argument("--patches", metavar="IMAGE", help="rank a grid of IMAGE's cells against --text instead")
+    parser.add_argument("--text", nargs="+", help="the text for --patches")
+    parser.add_argument("--grid", default="3x3", help="--patches grid, ROWSxCOLS (default: 3x3)")
+    parser.add_argument("--mode", choices=["crops", "tokens"], default="crops",
+                        help="--patches scoring: embed each crop, or pool the patch tokens (default: crops)")
+    parser.add_argument("--out", help="--patches: write the heat-map overlay PNG here")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from koclip.checkpoint import CheckpointError
+    from koclip.config import ConfigError
+    from koclip.index import IndexError as FaissIndexError
+
+    try:
+        if args.classify and args.patches:
+            raise QueryError("give one of --classify and --patches, not both")
+        if (args.classify or args.patches) and (args.texts or args.image):
+            raise QueryError("--classify and --patches take no search queries (TEXT or --image)")
+        run = _run_classify if args.classify else _run_patches if args.patches else _run_search
+        run(args)
+    except (QueryError, FileNotFoundError, CheckpointError, ConfigError, FaissIndexError) as e:
+        print(f"query: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
