@@ -19,11 +19,14 @@ class Encoders:
     images: preprocessed pixels float32 [B, S, S, 3] (B <= batch_size) -> embeddings
     texts:  list of strings (any length) -> embeddings, in order
     compiles: how many times the jitted functions were traced, by tower (for the report)
+    warmup:   compiles every shape the encoders will see (the image batch, each text length
+              bucket), so that a job's first batches do not pay for compilation
     """
 
     images: Callable[[np.ndarray], np.ndarray]
     texts: Callable[[list[str]], np.ndarray]
     compiles: Callable[[], dict] = field(default=lambda: {})
+    warmup: Callable[[], None] = field(default=lambda: None)
 
 
 def checkpoint_encoders(ckpt, batch_size: int = 32, dtype: str = "float32") -> Encoders:
@@ -55,8 +58,16 @@ def checkpoint_encoders(ckpt, batch_size: int = 32, dtype: str = "float32") -> E
         result[np.concatenate(batches)] = embedded
         return result
 
+    def warmup() -> None:
+        size = config.image_size
+        image_encoder(np.zeros((1, size, size, 3), np.float32))
+        for length in sorted(set(config.text_length_buckets)):
+            if length <= config.max_text_length:
+                text_encoder(np.zeros((1, length), np.int32), np.ones((1, length), np.int32))
+
     return Encoders(
         images=image_encoder,
         texts=encode_texts,
         compiles=lambda: {"image": image_encoder.compiles, "text": text_encoder.compiles},
+        warmup=warmup,
     )

@@ -8,7 +8,7 @@ inference (no shuffle in between), so units are committed as the job goes, not a
 
 Output folder layout:
   shard-00003.parquet               embedded items of unit 3 (koclip.store schema)
-  dead-letters/unit-00003.jsonl     {"id", "uri", "stage", "reason", "message"} per line
+  _dead_letters/unit-00003.jsonl    {"id", "uri", "stage", "reason", "message"} per line
   _done/unit-00003.json             the unit's key and counts, written last
   _run.json                         the run: input, listing digest, unit size, model fingerprint
 """
@@ -26,7 +26,7 @@ from pipelines.transforms.decode import NAMESPACE, DeadLetter, UnitRef
 from pipelines.transforms.model_handler import Embedded
 
 DONE_DIR = "_done"
-DEAD_LETTER_DIR = "dead-letters"
+DEAD_LETTER_DIR = "_dead_letters"
 RUN_FILE = "_run.json"
 
 

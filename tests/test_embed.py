@@ -1,0 +1,205 @@
+"""The embedding pipeline end to end on Beam's local runner, with a tiny random checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from koclip import fs, store
+from koclip.checkpoint import load_checkpoint
+from koclip.encoders import checkpoint_encoders
+from koclip.processing import ImagePreprocessor
+from pipelines import embed
+from pipelines.listing import list_items
+from tests.corpus import write_corpus, write_manifest
+
+
+def _dead_letters(output: str) -> list[dict]:
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(output)
+    lines = []
+    for path in filesystem.glob(f"{root}/_dead_letters/*.jsonl"):
+        lines += [json.loads(line) for line in filesystem.cat_file(path).decode().splitlines()]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("corpus"))
+    records, expected = write_corpus(folder)
+    return folder, write_manifest(os.path.join(folder, "manifest.jsonl"), records), records, expected
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny_ckpt_dir):
+    ckpt = load_checkpoint(tiny_ckpt_dir)
+    return ckpt, checkpoint_encoders(ckpt, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def corpus_run(corpus, tiny_ckpt_dir, tmp_path_factory):
+    _, manifest, _, _ = corpus
+    output = str(tmp_path_factory.mktemp("embedded"))
+    result = embed.run(["--input", manifest, "--output", output, "--model", tiny_ckpt_dir,
+                        "--unit_size", "5", "--batch_size", "4"])
+    return output, result
+
+
+def test_every_bad_input_ends_in_exactly_one_outcome(corpus, corpus_run):
+    _, _, records, expected = corpus
+    output, result = corpus_run
+    table = store.open_store(output).read_table()
+    embedded = table.column("id").to_pylist()
+    dead = {d["id"]: d for d in _dead_letters(output)}
+    assert sorted(embedded) == sorted(i for i, outcome in expected.items() if outcome == "embedded")
+    assert {i: d["reason"] for i, d in dead.items()} == {i: o for i, o in expected.items() if o != "embedded"}
+    assert not set(embedded) & set(dead)
+    assert result.totals["items"] == len(records) == len(embedded) + len(dead)
+    assert result.this_run["items_read"] == len(records)
+    assert result.this_run["items_embedded"] == len(embedded)
+    assert result.this_run["dead_letters"] == len(dead)
+    assert result.this_run.get("recompiles", 0) == 0
+    assert dead["missing"]["stage"] == "read" and dead["empty_caption"]["stage"] == "caption"
+    assert all(d["message"] for d in dead.values())
+
+
+def test_embedded_rows_equal_the_bare_encoder(corpus, corpus_run, encoders):
+    folder, _, records, expected = corpus
+    output, _ = corpus_run
+    ckpt, enc = encoders
+    by_id = {r["id"]: r for r in records}
+    rows = {r["id"]: r for r in store.open_store(output).read_table().to_pylist()}
+    preprocess = ImagePreprocessor.from_config(ckpt.config)
+    ids = sorted(rows)
+    paths = [os.path.join(folder, by_id[i]["image"]) for i in ids]
+    direct = enc.images(np.stack([preprocess(p) for p in paths]))
+    stored = np.stack([np.asarray(rows[i]["image_embedding"], np.float32) for i in ids])
+    np.testing.assert_allclose(stored, direct, atol=1e-5)
+    for i, path in zip(ids, paths):
+        row = rows[i]
+        assert row["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+        assert row["captions"] == by_id[i]["captions"]
+        assert row["fingerprint"] == ckpt.fingerprint
+        np.testing.assert_allclose(np.asarray(row["caption_embeddings"], np.float32),
+                                   enc.texts(row["captions"]), atol=1e-5)
+    assert (rows["exif_rotated"]["width"], rows["exif_rotated"]["height"]) == (30, 60)
+    assert (rows["good0"]["width"], rows["good0"]["height"]) == (48, 40)
+
+
+def test_shards_read_as_one_dataset_with_metadata(corpus_run, encoders):
+    import duckdb
+    import pandas as pd
+
+    output, result = corpus_run
+    ckpt, _ = encoders
+    shards = sorted(f for f in os.listdir(output) if f.startswith("shard-"))
+    assert len(shards) == result.units  # every unit of 5 items has at least one good image
+    count = duckdb.sql(f"SELECT count(*) FROM '{output}/shard-*.parquet'").fetchall()[0][0]
+    assert count == result.totals["embedded"]
+    frame = pd.read_parquet(output)
+    assert len(frame) == count and set(frame["fingerprint"]) == {ckpt.fingerprint}
+    meta = pq.read_metadata(os.path.join(output, shards[0])).metadata
+    assert meta[b"koclip.fingerprint"].decode() == ckpt.fingerprint
+    assert json.loads(meta[b"koclip.config"])["projection_dim"] == ckpt.config.projection_dim
+    assert not [f for f in os.listdir(output) if ".tmp" in f]
+
+
+def test_rerun_skips_finished_units_and_overwrite_redoes_them(corpus, corpus_run, tiny_ckpt_dir, tmp_path):
+    _, manifest, _, _ = corpus
+    output = str(tmp_path / "copy")
+    shutil.copytree(corpus_run[0], output)
+    args = ["--input", manifest, "--output", output, "--model", tiny_ckpt_dir, "--unit_size", "5", "--batch_size", "4"]
+    again = embed.run(args)
+    assert (again.units_embedded, again.units_skipped) == (0, again.units)
+    assert again.this_run == {} and again.totals == corpus_run[1].totals
+
+    os.remove(os.path.join(output, "_done", "unit-00001.json"))
+    partial = embed.run(args)
+    assert (partial.units_embedded, partial.units_skipped) == (1, partial.units - 1)
+    assert partial.this_run["items_read"] == 5
+
+    redone = embed.run(args + ["--overwrite"])
+    assert redone.units_embedded == redone.units and redone.totals == corpus_run[1].totals
+
+    with pytest.raises(embed.PlanError, match="different unit_size"):
+        embed.run(args[:-4] + ["--unit_size", "6", "--batch_size", "4"])
+
+
+def test_float16_storage(corpus, tiny_ckpt_dir, corpus_run, tmp_path):
+    _, manifest, _, _ = corpus
+    output = str(tmp_path / "f16")
+    embed.run(["--input", manifest, "--output", output, "--model", tiny_ckpt_dir, "--unit_size", "50",
+               "--embedding_dtype", "float16"])
+    half = store.open_store(output)
+    assert half.shards[0].embedding_dtype == "float16"
+    full = store.open_store(corpus_run[0])
+    ids_h, vec_h = next(half.iter_embeddings())
+    ref = dict(zip(*[list(x) for x in zip(*[(i, v) for ids, vs in full.iter_embeddings() for i, v in zip(ids, vs)])]))
+    np.testing.assert_allclose(vec_h, np.stack([ref[i] for i in ids_h]), atol=2e-3)
+    assert vec_h.dtype == np.float32
+
+
+def test_folder_with_caption_sidecars_and_other_manifest_formats(tmp_path):
+    import pyarrow as pa
+
+    images = tmp_path / "imgs"
+    (images / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.jpg", "c.webp"):
+        (images / name).write_bytes(b"x")
+    (images / "a.txt").write_text("고양이 사진\n", encoding="utf-8")
+    (images / "notes.md").write_text("ignored")
+    items = list_items(str(images))
+    assert [(i.id, i.caption_uri is not None) for i in items] == [("a.png", True), ("c.webp", False),
+                                                                    ("sub/b.jpg", False)]
+    (tmp_path / "m.csv").write_text('id,image,captions\n1,imgs/a.png,"[""하나"", ""둘""]"\n2,imgs/c.webp,셋\n',
+                                    encoding="utf-8")
+    pq.write_table(pa.table({"id": ["1", "2"], "uri": ["imgs/a.png", "imgs/c.webp"],
+                             "captions": [["하나", "둘"], ["셋"]]}), tmp_path / "m.parquet")
+    for name in ("m.csv", "m.parquet"):
+        listed = list_items(str(tmp_path / name))
+        assert [(i.id, i.uri, i.captions) for i in listed] == [
+            ("1", str(images / "a.png"), ("하나", "둘")), ("2", str(images / "c.webp"), ("셋",))]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, tiny_ckpt_dir, corpus):
+    _, manifest, _, _ = corpus
+    cases = [
+        (["--no_such_flag"], "unknown option '--no_such_flag'"),
+        (["--batch_size", "0", "--input", manifest], "--batch_size must be at least 1"),
+        (["--input", str(tmp_path / "nope.jsonl"), "--model", tiny_ckpt_dir], "input manifest not found"),
+        (["--input", manifest], "train the demo model first: python -m jobs.train"),
+        (["--input", manifest, "--model", str(tmp_path)], "no model at"),
+    ]
+    for argv, message in cases:
+        assert embed.main(argv + ["--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_gcs_end_to_end(corpus, tiny_ckpt_dir, gcs_bucket):
+    folder, _, records, expected = corpus
+    for name in os.listdir(folder):
+        if name != "bomb.png":  # the bomb is covered locally; keep the emulator upload small
+            fs.write_bytes(f"{gcs_bucket}/in/{name}", open(os.path.join(folder, name), "rb").read())
+    kept = [r for r in records if r["id"] != "bomb"]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+    fs.write_bytes(f"{gcs_bucket}/in/manifest.jsonl", lines.encode())
+    output = f"{gcs_bucket}/out"
+    result = embed.run(["--input", f"{gcs_bucket}/in/manifest.jsonl", "--output", output, "--model", tiny_ckpt_dir,
+                        "--unit_size", "8", "--batch_size", "4"])
+    read_back = store.open_store(output)
+    embedded = sorted(read_back.read_table(["id"]).column("id").to_pylist())
+    assert embedded == sorted(i for i in expected if expected[i] == "embedded")
+    assert all(r["uri"].startswith(f"{gcs_bucket}/in/") for r in read_back.read_table(["uri"]).to_pylist())
+    dead = {d["id"]: d["reason"] for d in _dead_letters(output)}
+    assert dead == {i: o for i, o in expected.items() if o != "embedded" and i != "bomb"}
+    assert result.totals["items"] == len(kept) == len(embedded) + len(dead)
+    again = embed.run(["--input", f"{gcs_bucket}/in/manifest.jsonl", "--output", output, "--model", tiny_ckpt_dir,
+                       "--unit_size", "8", "--batch_size", "4"])
+    assert again.units_embedded == 0
