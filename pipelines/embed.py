@@ -32,7 +32,7 @@ from pipelines.listing import ListingError, Unit, list_items, listing_digest, ma
 from pipelines.options import EmbedOptions, OptionsError, default_workers, parse
 from pipelines.transforms.decode import DEAD, NAMESPACE, DeadLetter, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
-from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits, done_path
+from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits
 
 log = logging.getLogger("pipelines.embed")
 
@@ -116,6 +116,17 @@ def _clear(output: str) -> None:
             filesystem.rm(f"{root}/{folder}", recursive=True)
 
 
+def _remove_partial_files(output: str) -> None:
+    """Temporary files of a killed run (koclip.fs writes locally to NAME.tmp-PID, then renames)."""
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    for pattern in ("*.tmp-*", f"{DONE_DIR}/*.tmp-*", f"{DEAD_LETTER_DIR}/*.tmp-*"):
+        for path in filesystem.glob(f"{root}/{pattern}"):
+            filesystem.rm(path)
+
+
 def _done_markers(output: str) -> dict[int, dict]:
     import fsspec
 
@@ -136,6 +147,7 @@ def plan(opts: EmbedOptions) -> Plan:
                 "units": len(units), "fingerprint": fingerprint, "embedding_dtype": opts.embedding_dtype,
                 "model": model}
     run_path = fs.join(output, RUN_FILE)
+    _remove_partial_files(output)
     if opts.overwrite:
         _clear(output)
     elif fs.exists(run_path):

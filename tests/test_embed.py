@@ -203,3 +203,42 @@ def test_gcs_end_to_end(corpus, tiny_ckpt_dir, gcs_bucket):
     again = embed.run(["--input", f"{gcs_bucket}/in/manifest.jsonl", "--output", output, "--model", tiny_ckpt_dir,
                        "--unit_size", "8", "--batch_size", "4"])
     assert again.units_embedded == 0
+
+
+def test_sigkill_part_way_then_rerun_embeds_only_unfinished_units(tiny_ckpt_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(180):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+        (images / f"{i:03d}.txt").write_text(f"그림 {i}", encoding="utf-8")
+    output = tmp_path / "out"
+    args = ["--input", str(images), "--output", str(output), "--model", tiny_ckpt_dir,
+            "--unit_size", "3", "--batch_size", "3"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.embed", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = output / "_done"
+    deadline = time.monotonic() + 300
+    while not (done_dir.exists() and any(done_dir.iterdir())):  # wait for the first finished unit
+        assert proc.poll() is None, "the pipeline exited before finishing a unit"
+        assert time.monotonic() < deadline, "no unit finished within 300 s"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = len(list(done_dir.glob("unit-*.json")))
+    assert 1 <= finished_before < 60, f"{finished_before} of 60 units were done at the kill"
+
+    result = embed.run(args)
+    assert result.units_embedded == 60 - finished_before
+    assert result.units_skipped == finished_before
+    ids = store.open_store(str(output)).read_table(["id"]).column("id").to_pylist()
+    assert sorted(ids) == [f"{i:03d}.png" for i in range(180)]  # each id exactly once
+    leftovers = [p for p in output.rglob("*") if ".tmp-" in p.name]
+    assert not leftovers
