@@ -1,0 +1,161 @@
+"""Embedding pipeline throughput and memory: the local Beam runner against the bare encoder.
+
+  python -m bench.pipeline                 # demo model, emoji-ko images cycled to 5k and 20k items
+  python -m bench.pipeline --quick         # tiny random model, 200 and 400 items: a smoke run
+
+Rows, each measured in its own process (so peak RSS is that run's alone):
+  bare encoder   the same model's jitted encoders (checkpoint_encoders, same batch size) on the
+                 same items: images already decoded and preprocessed in memory, captions as
+                 strings. Pure model time: the ceiling for the pipeline.
+  pipeline N     `python -m pipelines.embed` over a manifest of N items (emoji-ko images repeated
+                 under new ids), from start to finish: listing, Beam start-up, model load and
+                 warm-up, reading, decoding, inference, Parquet writes.
+
+Targets (issue 4): pipeline items/s >= 85% of the bare encoder's; peak RSS of the largest run
+<= 1.2x that of the smallest (streaming: nothing held whole). Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import machine_info, print_table, write_json
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _write_manifest(path: str, size: int) -> str:
+    from koclip.data.emoji_ko import ensure_emoji_ko
+    from koclip.data.manifest import read_manifest
+
+    records = read_manifest(ensure_emoji_ko())
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(size):
+            r = records[i % len(records)]
+            f.write(json.dumps({"id": f"{r.id}~{i // len(records)}", "image": r.image, "captions": r.captions},
+                               ensure_ascii=False) + "\n")
+    return path
+
+
+def _worker_pipeline(args) -> dict:
+    from pipelines import embed
+
+    started = time.perf_counter()
+    result = embed.run(["--input", args.manifest, "--output", args.output, "--model", args.model,
+                        "--batch_size", str(args.batch_size), "--unit_size", str(args.unit_size), "--overwrite"])
+    seconds = time.perf_counter() - started
+    return {"items": result.totals["items"], "embedded": result.totals["embedded"], "seconds": seconds,
+            "recompiles": result.this_run.get("recompiles", 0), "peak_rss_mb": _peak_rss_mb()}
+
+
+def _worker_bare(args) -> dict:
+    import numpy as np
+
+    from koclip.checkpoint import load_checkpoint
+    from koclip.data.manifest import read_manifest
+    from koclip.encoders import checkpoint_encoders
+    from koclip.processing import ImagePreprocessor
+
+    ckpt = load_checkpoint(args.model)
+    encoders = checkpoint_encoders(ckpt, batch_size=args.batch_size)
+    encoders.warmup()
+    records = read_manifest(args.manifest)
+    preprocess = ImagePreprocessor.from_config(ckpt.config)
+    cache: dict[str, np.ndarray] = {}
+    pixels = [cache.setdefault(r.image, preprocess(r.image)) if r.image not in cache else cache[r.image]
+              for r in records]
+    started = time.perf_counter()
+    for start in range(0, len(records), args.batch_size):
+        batch = records[start:start + args.batch_size]
+        encoders.images(np.stack(pixels[start:start + args.batch_size]))
+        encoders.texts([c for r in batch for c in r.captions])
+    seconds = time.perf_counter() - started
+    return {"items": len(records), "embedded": len(records), "seconds": seconds, "recompiles": 0,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _measure(kind: str, manifest: str, output: str, args) -> dict:
+    cmd = [sys.executable, "-m", "bench.pipeline", "--worker", kind, "--manifest", manifest, "--output", output,
+           "--model", args.model, "--batch-size", str(args.batch_size), "--unit-size", str(args.unit_size)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench.pipeline: the {kind} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _quick_model(folder: str) -> str:
+    from koclip.cli import main as koclip_cli
+
+    path = os.path.join(folder, "tiny-model")
+    if koclip_cli(["init", path, "--tiny", "tiny-bert-vit"]) != 0:
+        raise SystemExit("could not make the tiny model")
+    return path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(description=head, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
+    p.add_argument("--sizes", default=None, help="comma-separated item counts (default 5000,20000; --quick 200,400)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--unit-size", type=int, default=1000)
+    p.add_argument("--out", default="bench/results/pipeline.json", help="JSON results path")
+    p.add_argument("--quick", action="store_true", help="tiny random model and small sizes: a smoke run")
+    p.add_argument("--worker", choices=("pipeline", "bare"), help=argparse.SUPPRESS)
+    p.add_argument("--manifest", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        measure = _worker_pipeline if args.worker == "pipeline" else _worker_bare
+        print(json.dumps(measure(args)))
+        return 0
+    sizes = [int(s) for s in (args.sizes or ("200,400" if args.quick else "5000,20000")).split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        if args.model is None:
+            from koclip.data import demo_model_dir
+
+            args.model = _quick_model(tmp) if args.quick else demo_model_dir()
+        if not os.path.exists(os.path.join(args.model, "config.json")):
+            print(f"bench.pipeline: no model at {args.model}: run python -m jobs.train first", file=sys.stderr)
+            return 2
+        manifests = {n: _write_manifest(os.path.join(tmp, f"items-{n}.jsonl"), n) for n in sizes}
+        rows = [{"run": "bare encoder", "size": sizes[0],
+                 **_measure("bare", manifests[sizes[0]], os.path.join(tmp, "bare"), args)}]
+        for n in sizes:
+            rows.append({"run": "pipeline", "size": n,
+                         **_measure("pipeline", manifests[n], os.path.join(tmp, f"out-{n}"), args)})
+    bare_rate = rows[0]["items"] / rows[0]["seconds"]
+    for row in rows:
+        row["items_per_s"] = row["items"] / row["seconds"]
+        row["pct_of_bare"] = 100 * row["items_per_s"] / bare_rate
+    pipelines = [r for r in rows if r["run"] == "pipeline"]
+    rss_ratio = pipelines[-1]["peak_rss_mb"] / pipelines[0]["peak_rss_mb"]
+    print_table(["run", "items", "seconds", "items/s", "% of bare", "peak RSS MB", "recompiles"],
+                [[r["run"], r["size"], f"{r['seconds']:.1f}", f"{r['items_per_s']:.1f}", f"{r['pct_of_bare']:.0f}",
+                  f"{r['peak_rss_mb']:.0f}", r["recompiles"]] for r in rows])
+    worst = min(r["pct_of_bare"] for r in pipelines)
+    print(f"pipeline throughput: {worst:.0f}% of the bare encoder at worst (target >= 85%); peak RSS "
+          f"{pipelines[-1]['size']} vs {pipelines[0]['size']} items: {rss_ratio:.2f}x (target <= 1.2x)")
+    path = write_json(args.out, {
+        "machine": machine_info(), "model": args.model, "batch_size": args.batch_size, "unit_size": args.unit_size,
+        "rows": rows, "worst_pct_of_bare": worst, "peak_rss_ratio": rss_ratio,
+        "targets": {"pct_of_bare": 85, "peak_rss_ratio": 1.2},
+    })
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
