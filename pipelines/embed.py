@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -180,7 +181,8 @@ def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
     from koclip.processing import ImagePreprocessor
 
     config = HybridCLIPConfig.from_dict(p.config)
-    handler = KoclipModelHandler(p.model, batch_size=opts.batch_size, dtype=opts.dtype)
+    handler = KoclipModelHandler(p.model, batch_size=opts.batch_size, dtype=opts.dtype,
+                                 compilation_cache=opts.compilation_cache or None)
     decoded = (
         pipeline
         | "Units" >> beam.Create(p.pending)
@@ -237,6 +239,10 @@ def run(argv: list[str] | None = None) -> EmbedResult:
     this_run: dict = {}
     if p.pending:
         runner = None if options.view_as(StandardOptions).runner else _local_runner(options)
+        if runner is not None and opts.compilation_cache is None:
+            from koclip.data import cache_dir
+
+            opts.compilation_cache = os.path.join(cache_dir(), "xla")
         pipeline = beam.Pipeline(runner=runner, options=options)
         build(pipeline, p, opts)
         result = pipeline.run()

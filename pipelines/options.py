@@ -49,6 +49,9 @@ class EmbedOptions(PipelineOptions):
                             help="items per work unit; each unit is one shard and one resume step")
         parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                             help="images with more pixels are dead-lettered (decompression bombs)")
+        parser.add_argument("--compilation_cache", default=None,
+                            help="folder for XLA's persistent compilation cache, so reruns skip compiling "
+                                 "(default: ~/.cache/koclip/xla locally, none on remote runners; '' disables)")
         parser.add_argument("--overwrite", action="store_true",
                             help="delete this output's previous results and embed everything again")
 

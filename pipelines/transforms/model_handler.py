@@ -47,14 +47,24 @@ class LoadedModel:
 
 
 class KoclipModelHandler(ModelHandler[Decoded, Embedded, LoadedModel]):
-    def __init__(self, model_path: str, batch_size: int = 32, dtype: str = "float32"):
+    def __init__(self, model_path: str, batch_size: int = 32, dtype: str = "float32",
+                 compilation_cache: str | None = None):
         self.model_path = model_path
         self.batch_size = batch_size
         self.dtype = dtype
+        self.compilation_cache = compilation_cache
 
     def load_model(self) -> LoadedModel:
+        import jax
+
         from koclip.checkpoint import load_checkpoint
         from koclip.encoders import checkpoint_encoders
+
+        if self.compilation_cache:
+            # XLA's persistent cache: a rerun (after a crash, or the next scheduled run) loads the
+            # compiled encoders instead of compiling them again.
+            jax.config.update("jax_compilation_cache_dir", self.compilation_cache)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
         ckpt = load_checkpoint(self.model_path)
         encoders = checkpoint_encoders(ckpt, batch_size=self.batch_size, dtype=self.dtype)
