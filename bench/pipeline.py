@@ -9,7 +9,9 @@ Rows, each measured in its own process (so peak RSS is that run's alone):
                  strings. Pure model time: the ceiling for the pipeline.
   pipeline N     `python -m pipelines.embed` over a manifest of N items (emoji-ko images repeated
                  under new ids), from start to finish: listing, Beam start-up, model load and
-                 warm-up, reading, decoding, inference, Parquet writes.
+                 warm-up (cold: no compilation cache), reading, decoding, inference, Parquet
+                 writes. "start-up" is the time to the first model batch (the `koclip.embed`
+                 metric batch_start_unix_ms, its minimum); "after start-up" is the rate after it.
 
 Targets (issue 4): pipeline items/s >= 85% of the bare encoder's; peak RSS of the largest run
 <= 1.2x that of the smallest (streaming: nothing held whole). Prints a table and writes JSON.
@@ -48,11 +50,14 @@ def _write_manifest(path: str, size: int) -> str:
 def _worker_pipeline(args) -> dict:
     from pipelines import embed
 
-    started = time.perf_counter()
+    started, started_unix = time.perf_counter(), time.time()
     result = embed.run(["--input", args.manifest, "--output", args.output, "--model", args.model,
-                        "--batch_size", str(args.batch_size), "--unit_size", str(args.unit_size), "--overwrite"])
-    seconds = time.perf_counter() - started
+                        "--batch_size", str(args.batch_size), "--unit_size", str(args.unit_size), "--overwrite",
+                        "--compilation_cache", ""])  # cold: every run compiles, as a first run does
+    seconds, ended_unix = time.perf_counter() - started, time.time()
+    startup = result.this_run["first_batch_unix_ms"] / 1000 - started_unix
     return {"items": result.totals["items"], "embedded": result.totals["embedded"], "seconds": seconds,
+            "startup_s": startup, "steady_s": ended_unix - started_unix - startup,
             "recompiles": result.this_run.get("recompiles", 0), "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -78,8 +83,8 @@ def _worker_bare(args) -> dict:
         encoders.images(np.stack(pixels[start:start + args.batch_size]))
         encoders.texts([c for r in batch for c in r.captions])
     seconds = time.perf_counter() - started
-    return {"items": len(records), "embedded": len(records), "seconds": seconds, "recompiles": 0,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {"items": len(records), "embedded": len(records), "seconds": seconds, "startup_s": 0.0,
+            "steady_s": seconds, "recompiles": 0, "peak_rss_mb": _peak_rss_mb()}
 
 
 def _measure(kind: str, manifest: str, output: str, args) -> dict:
@@ -140,17 +145,23 @@ def main(argv=None) -> int:
     for row in rows:
         row["items_per_s"] = row["items"] / row["seconds"]
         row["pct_of_bare"] = 100 * row["items_per_s"] / bare_rate
+        row["steady_items_per_s"] = row["items"] / row["steady_s"]
+        row["steady_pct_of_bare"] = 100 * row["steady_items_per_s"] / bare_rate
     pipelines = [r for r in rows if r["run"] == "pipeline"]
     rss_ratio = pipelines[-1]["peak_rss_mb"] / pipelines[0]["peak_rss_mb"]
-    print_table(["run", "items", "seconds", "items/s", "% of bare", "peak RSS MB", "recompiles"],
+    print_table(["run", "items", "seconds", "items/s", "% of bare", "start-up s", "after start-up items/s",
+                 "% of bare", "peak RSS MB", "recompiles"],
                 [[r["run"], r["size"], f"{r['seconds']:.1f}", f"{r['items_per_s']:.1f}", f"{r['pct_of_bare']:.0f}",
+                  f"{r['startup_s']:.1f}", f"{r['steady_items_per_s']:.1f}", f"{r['steady_pct_of_bare']:.0f}",
                   f"{r['peak_rss_mb']:.0f}", r["recompiles"]] for r in rows])
-    worst = min(r["pct_of_bare"] for r in pipelines)
-    print(f"pipeline throughput: {worst:.0f}% of the bare encoder at worst (target >= 85%); peak RSS "
-          f"{pipelines[-1]['size']} vs {pipelines[0]['size']} items: {rss_ratio:.2f}x (target <= 1.2x)")
+    largest = pipelines[-1]
+    print(f"pipeline throughput at {largest['size']} items: {largest['pct_of_bare']:.0f}% of the bare encoder end to "
+          f"end, {largest['steady_pct_of_bare']:.0f}% after start-up (target >= 85%); peak RSS "
+          f"{largest['size']} vs {pipelines[0]['size']} items: {rss_ratio:.2f}x (target <= 1.2x)")
     path = write_json(args.out, {
         "machine": machine_info(), "model": args.model, "batch_size": args.batch_size, "unit_size": args.unit_size,
-        "rows": rows, "worst_pct_of_bare": worst, "peak_rss_ratio": rss_ratio,
+        "rows": rows, "largest_pct_of_bare": largest["pct_of_bare"],
+        "largest_steady_pct_of_bare": largest["steady_pct_of_bare"], "peak_rss_ratio": rss_ratio,
         "targets": {"pct_of_bare": 85, "peak_rss_ratio": 1.2},
     })
     print(f"wrote {path}")

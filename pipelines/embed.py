@@ -213,9 +213,13 @@ def _metrics(result) -> dict:
     for counter in metrics["counters"]:
         found[counter.key.metric.name] = found.get(counter.key.metric.name, 0) + counter.committed
     for dist in metrics["distributions"]:
-        if dist.key.metric.name == "batch_latency_ms" and dist.committed and dist.committed.count:
+        if not (dist.committed and dist.committed.count):
+            continue
+        if dist.key.metric.name == "batch_latency_ms":
             found["batch_latency_ms_mean"] = dist.committed.mean
             found["batch_latency_ms_max"] = dist.committed.max
+        elif dist.key.metric.name == "batch_start_unix_ms":
+            found["first_batch_unix_ms"] = dist.committed.min
     return found
 
 

@@ -4,7 +4,7 @@ An input is either
   - a manifest: JSONL (`.jsonl`/`.json`), CSV (`.csv`) or Parquet (`.parquet`), one item per
     row with `id`, `image` (also spelled `uri`, `image_uri` or `path`) and optional `captions`
     (a list, or one string; also spelled `caption` or `text`; in CSV a JSON list or a plain
-    string) and `split`. Relative image paths are relative to the manifest's folder.
+    string), `split`, and `caption_uri` (a text file holding the caption, read by the workers). Relative image paths are relative to the manifest's folder.
   - a folder or a glob of images (`photos/`, `gs://bucket/imgs/**/*.jpg`), clip-retrieval's
     layout: `x.jpg` takes its caption from a sidecar `x.txt` when there is one.
 Local paths and any fsspec URL (gs://) behave alike.
@@ -80,8 +80,10 @@ def _item(row: dict, where: str, manifest_path: str) -> Item:
         raise ListingError(f"{where}: missing 'image' (or uri/image_uri/path)")
     caption_value = next((row[k] for k in _CAPTION_KEYS if k in row), None)
     split = row.get("split")
+    caption_uri = row.get("caption_uri")
     return Item(str(rid), resolve_uri(image.strip(), manifest_path), _captions(caption_value, where),
-                None if split in (None, "") else str(split))
+                None if split in (None, "") else str(split),
+                resolve_uri(caption_uri, manifest_path) if caption_uri else None)
 
 
 def _jsonl_rows(data: bytes, path: str):

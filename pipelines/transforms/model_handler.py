@@ -74,6 +74,8 @@ class KoclipModelHandler(ModelHandler[Decoded, Embedded, LoadedModel]):
 
     def run_inference(self, batch: Sequence[Decoded], model: LoadedModel, inference_args=None) -> list[Embedded]:
         started = time.perf_counter()
+        # min/max of the start times: when the first batch began, i.e. the end of start-up.
+        Metrics.distribution(NAMESPACE, "batch_start_unix_ms").update(int(time.time() * 1000))
         images = model.encoders.images(np.stack([d.pixels for d in batch]))
         captions = [c for d in batch for c in d.captions]
         texts = model.encoders.texts(captions) if captions else np.zeros((0, images.shape[1]), np.float32)

@@ -1,0 +1,210 @@
+"""Scheduled incremental reindexing: embed only what changed, publish a new index version.
+
+  python -m jobs.reindex --source gs://b/photos/ --work gs://b/koclip-work --index gs://b/index \\
+      --model gs://b/ckpt
+
+Each run:
+ 1. lists the source (a folder/glob of images with sidecar captions, or a manifest) and takes a
+    signature per item: its uri, size and etag (object stores) or mtime (local files), the
+    sidecar's too, and the captions; `--content-hash` uses the sha256 of the bytes instead;
+ 2. diffs it against the previous run's state (`WORK/state.parquet`): new, changed, deleted,
+    unchanged. With no difference it stops there: nothing embedded, nothing published;
+ 3. embeds the new and changed items with the embedding pipeline into `WORK/runs/<run>/`
+    (the run name is a digest of the diff, so a rerun after a crash resumes that embedding);
+ 4. updates the live embedding store `WORK/live/`: rows of deleted and changed items are
+    removed, the run's shards are added; the live store always holds exactly the current items;
+ 5. extends the published index with the new rows and removes the old ones, or rebuilds it when
+    the index type should change (koclip.index decides), and publishes a new version
+    atomically (the `CURRENT` pointer is written last), keeping the last `--keep` versions;
+ 6. saves the new state. A crash before this point leaves the previous version served, and the
+    next run redoes the remaining steps.
+Items that were dead-lettered are remembered with their signature and retried only when they change.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import sys
+import time
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from koclip import fs, store
+from pipelines.listing import Item, ListingError, list_items
+
+log = logging.getLogger("jobs.reindex")
+
+STATE_FILE = "state.parquet"
+LIVE_DIR = "live"
+RUNS_DIR = "runs"
+
+
+class ReindexError(ValueError):
+    """A run that cannot start (bad flags, missing model): reported as one line."""
+
+
+@dataclass
+class Diff:
+    new: list[Item] = field(default_factory=list)
+    changed: list[Item] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.new or self.changed or self.deleted)
+
+    def digest(self, signatures: dict[str, str]) -> str:
+        h = hashlib.sha256()
+        for item in self.new + self.changed:
+            h.update(f"+{item.id}\0{signatures[item.id]}\n".encode())
+        for item_id in self.deleted:
+            h.update(f"-{item_id}\n".encode())
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- signatures and state
+
+
+def _file_infos(paths: list[str]) -> dict[str, dict]:
+    """Size/etag/mtime of each path, one directory listing per parent folder (not one call per file)."""
+    by_parent: dict[str, list[str]] = {}
+    for path in paths:
+        by_parent.setdefault(posixpath.dirname(path), []).append(path)
+    infos: dict[str, dict] = {}
+    for parent, members in by_parent.items():
+        filesystem, fs_parent = fsspec.core.url_to_fs(parent)
+        protocol = parent.split("://", 1)[0] + "://" if "://" in parent else ""
+        try:
+            listing = filesystem.ls(fs_parent, detail=True, refresh=True) if protocol else filesystem.ls(
+                fs_parent, detail=True)
+        except FileNotFoundError:
+            listing = []
+        named = {(protocol + e["name"] if protocol and not e["name"].startswith(protocol) else e["name"]): e
+                 for e in listing}
+        for path in members:
+            infos[path] = named.get(path, {})
+    return infos
+
+
+def _stamp(info: dict) -> str:
+    if not info:
+        return "missing"
+    version = info.get("etag") or info.get("md5Hash") or info.get("generation") or info.get("mtime")
+    return f"{info.get('size')}:{version}"
+
+
+def signatures(items: list[Item], content_hash: bool = False) -> dict[str, str]:
+    paths = [i.uri for i in items] + [i.caption_uri for i in items if i.caption_uri]
+    if content_hash:
+        def stamp(path):
+            try:
+                return hashlib.sha256(fs.read_bytes(path)).hexdigest()
+            except FileNotFoundError:
+                return "missing"
+        stamps = {p: stamp(p) for p in paths}
+    else:
+        stamps = {p: _stamp(info) for p, info in _file_infos(paths).items()}
+    out = {}
+    for item in items:
+        parts = [item.uri, stamps[item.uri], json.dumps(list(item.captions), ensure_ascii=False)]
+        if item.caption_uri:
+            parts.append(stamps[item.caption_uri])
+        out[item.id] = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
+    return out
+
+
+def load_state(work: str) -> dict[str, dict]:
+    path = fs.join(work, STATE_FILE)
+    if not fs.exists(path):
+        return {}
+    table = pq.read_table(io.BytesIO(fs.read_bytes(path)))
+    return {row["id"]: row for row in table.to_pylist()}
+
+
+def save_state(work: str, state: dict[str, dict]) -> None:
+    rows = sorted(state.values(), key=lambda r: r["id"])
+    table = pa.table({"id": [r["id"] for r in rows], "signature": [r["signature"] for r in rows],
+                      "status": [r["status"] for r in rows]})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    fs.write_bytes(fs.join(work, STATE_FILE), buffer.getvalue())
+
+
+def diff(items: list[Item], sigs: dict[str, str], previous: dict[str, dict]) -> Diff:
+    result = Diff()
+    for item in items:
+        before = previous.get(item.id)
+        if before is None:
+            result.new.append(item)
+        elif before["signature"] != sigs[item.id]:
+            result.changed.append(item)
+        else:
+            result.unchanged += 1
+    current = {i.id for i in items}
+    result.deleted = sorted(i for i in previous if i not in current)
+    return result
+
+
+# ---------------------------------------------------------------- embedding and the live store
+
+
+def _write_run_manifest(path: str, items: list[Item]) -> None:
+    lines = []
+    for item in items:
+        row = {"id": item.id, "image": item.uri, "captions": list(item.captions)}
+        if item.split:
+            row["split"] = item.split
+        if item.caption_uri:
+            row["caption_uri"] = item.caption_uri
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    fs.write_bytes(path, "".join(lines).encode())
+
+
+def _dead_ids(run_out: str) -> set[str]:
+    filesystem, root = fsspec.core.url_to_fs(run_out)
+    ids = set()
+    for path in filesystem.glob(f"{root.rstrip('/')}/_dead_letters/*.jsonl"):
+        ids |= {json.loads(line)["id"] for line in filesystem.cat_file(path).decode().splitlines() if line}
+    return ids
+
+
+def _remove_from_live(live: str, ids: set[str]) -> int:
+    """Drop the rows of `ids` from the live store, rewriting (or deleting) only the shards that hold them."""
+    import pyarrow.compute as pc
+
+    removed = 0
+    if not ids or not fs.exists(live):
+        return 0
+    filesystem, _ = fsspec.core.url_to_fs(live)
+    wanted = pa.array(sorted(ids), pa.string())
+    for path in store.list_shards(live):
+        table = pq.read_table(io.BytesIO(fs.read_bytes(path)))
+        drop = pc.is_in(table.column("id"), value_set=wanted)
+        count = pc.sum(drop).as_py() or 0
+        if not count:
+            continue
+        removed += count
+        kept = table.filter(pc.invert(drop))
+        if kept.num_rows:
+            store.write_shard(path, kept)
+        else:
+            filesystem.rm(fsspec.core.url_to_fs(path)[1])
+    return removed
+
+
+def _add_to_live(run_out: str, live: str, run_id: str) -> int:
+    added = 0
+    for path in store.list_shards(run_out):
+        name = posixpath.basename(path).replace("shard-", f"shard-{run_id}-", 1)
+        data = fs.read_bytes(path)
+        fs.write_bytes(fs.join(live, name), data)
+        added += pq.read_metadata(io.BytesIO(data)).num_rows
+    return added
