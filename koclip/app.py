@@ -1,0 +1,107 @@
+"""The demo web app: text→image search, image→text zero-shot labels and text→patch ranking.
+
+    python -m koclip.app [--index DIR] [--model DIR] [--port 8501] [--host 127.0.0.1]
+
+starts a Streamlit server on http://HOST:PORT over an index that `python -m pipelines.index`
+published and a checkpoint that `python -m jobs.train` wrote (defaults: the emoji-ko sample
+index and the demo model under the koclip cache). Both are checked before the server starts: a
+missing one is reported in one line and the command exits with status 2.
+
+    python -m koclip.app --screenshots docs/screenshots [--index DIR] [--model DIR]
+
+starts the app on a free local port, drives it in headless Chromium (Debian's `chromium`
+package, through Playwright) and writes one PNG per tab, as shown in docs/app.md.
+
+The page itself is `koclip/apps/page.py`; the server/browser helpers the screenshots and the
+browser tests share are in `koclip/apps/harness.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from koclip import fs
+from koclip.data import demo_index_dir, demo_model_dir
+
+EXIT_USAGE = 2
+PAGE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps", "page.py")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m koclip.app",
+        description="Serve the KoCLIP demo (text→image, image→text, text→patch) with Streamlit.",
+    )
+    parser.add_argument("--index", default=None,
+                        help=f"index folder from `python -m pipelines.index` (default: {demo_index_dir()})")
+    parser.add_argument("--model", default=None,
+                        help=f"checkpoint folder from `python -m jobs.train` (default: {demo_model_dir()})")
+    parser.add_argument("--port", type=int, default=8501, help="port to listen on (default: 8501)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 serves other machines)")
+    parser.add_argument("--screenshots", metavar="DIR", default=None,
+                        help="instead of serving, write one screenshot per tab to DIR (needs playwright "
+                             "and /usr/bin/chromium)")
+    return parser
+
+
+def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
+    args.index = args.index or demo_index_dir()
+    args.model = args.model or demo_model_dir()
+    return args
+
+
+def find_problem(index: str, model: str) -> str | None:
+    """One line saying what is missing and which command makes it, or None when both look usable."""
+    if not fs.is_dir(model) or not fs.exists(fs.join(model, "config.json")):
+        return (f"no model at {model} (a checkpoint folder with config.json); "
+                "train one with `python -m jobs.train` or pass --model DIR")
+    if not fs.is_dir(index) or not fs.exists(fs.join(index, "CURRENT")):
+        return (f"no index at {index} (a folder with a CURRENT file); "
+                "build one with `python -m pipelines.index` or pass --index DIR")
+    return None
+
+
+def streamlit_argv(args: argparse.Namespace) -> list[str]:
+    """`streamlit run` arguments for the page; what follows "--" reaches the page as sys.argv."""
+    return [
+        "run", PAGE_SCRIPT,
+        "--server.port", str(args.port),
+        "--server.address", args.host,
+        "--server.headless", "true",  # print the URL instead of opening a browser
+        "--server.fileWatcherType", "none",  # a served demo, not a development session
+        "--browser.gatherUsageStats", "false",
+        "--client.toolbarMode", "minimal",
+        "--theme.base", "light",
+        "--",
+        "--index", args.index,
+        "--model", args.model,
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve_paths(build_parser().parse_args(argv))
+    problem = find_problem(args.index, args.model)
+    if problem:
+        print(f"koclip.app: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.screenshots:
+        from koclip.apps.harness import take_screenshots
+
+        for path in take_screenshots(args.screenshots, index=args.index, model=args.model):
+            print(path)
+        return 0
+    from streamlit.web import cli as streamlit_cli
+
+    # The page logs through "koclip.*" loggers (model and index loads, failed requests).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"koclip.app: serving {args.index} with model {args.model} on http://{args.host}:{args.port}",
+          file=sys.stderr)
+    streamlit_cli.main(args=streamlit_argv(args), prog_name="streamlit")  # serves until interrupted
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
