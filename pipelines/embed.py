@@ -8,9 +8,10 @@ The driver lists the input and cuts it into work units (pipelines.listing), skip
 previous run finished, and runs one Beam pipeline over the rest:
 
   units -> Reshuffle -> items -> DecodeItem -> RunInference(KoclipModelHandler) -> WriteUnits
-                                     \\-> dead letters ----------------------------/
+                                  (decoded items or dead letters, which the model passes through)
 
-Decoding, inference and writing are fused (no shuffle after the units are spread), so each
+Decoding, inference and writing are one chain of ParDos, fused by every runner (no shuffle or
+flatten after the units are spread), so each
 unit is written as soon as its last item is embedded, and a killed job loses at most the
 units in flight. Every item ends as a row of a shard or a dead letter; the summary counts both.
 """
@@ -31,7 +32,7 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 from koclip import fs
 from pipelines.listing import ListingError, Unit, list_items, listing_digest, make_units
 from pipelines.options import EmbedOptions, OptionsError, default_workers, parse
-from pipelines.transforms.decode import DEAD, NAMESPACE, DeadLetter, DecodeItem, UnitRef
+from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
 from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits
 
@@ -169,13 +170,6 @@ def _unit_items(unit: Unit):
     return ((ref, item) for item in unit.items)
 
 
-def _inference_failures(failure):
-    batch, error = failure
-    for decoded in batch:
-        yield DeadLetter(decoded.unit, decoded.item.id, decoded.item.uri, "embed", "inference_failed",
-                         f"{type(error).__name__}: {error}")
-
-
 def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
     from koclip.config import HybridCLIPConfig
     from koclip.processing import ImagePreprocessor
@@ -183,18 +177,14 @@ def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
     config = HybridCLIPConfig.from_dict(p.config)
     handler = KoclipModelHandler(p.model, batch_size=opts.batch_size, dtype=opts.dtype,
                                  compilation_cache=opts.compilation_cache or None)
-    decoded = (
+    return (
         pipeline
         | "Units" >> beam.Create(p.pending)
         | "Spread" >> beam.Reshuffle()
         | "Items" >> beam.FlatMap(_unit_items)
         | "Decode" >> beam.ParDo(DecodeItem(ImagePreprocessor.from_config(config, opts.max_pixels)))
-        .with_outputs(DEAD, main="ok"))
-    embedded, failed = decoded.ok | "Embed" >> RunInference(handler).with_exception_handling()
-    failed_items = failed.failed_inferences | "InferenceFailures" >> beam.FlatMap(_inference_failures)
-    return ((embedded, decoded[DEAD], failed_items)
-            | "Outcomes" >> beam.Flatten()
-            | "Write" >> beam.ParDo(WriteUnits(p.output, p.fingerprint, p.config, p.dim, opts.embedding_dtype)))
+        | "Embed" >> RunInference(handler)
+        | "Write" >> beam.ParDo(WriteUnits(p.output, p.fingerprint, p.config, p.dim, opts.embedding_dtype)))
 
 
 def _local_runner(options):

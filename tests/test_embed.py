@@ -242,3 +242,17 @@ def test_sigkill_part_way_then_rerun_embeds_only_unfinished_units(tiny_ckpt_dir,
     assert sorted(ids) == [f"{i:03d}.png" for i in range(180)]  # each id exactly once
     leftovers = [p for p in output.rglob("*") if ".tmp-" in p.name]
     assert not leftovers
+
+
+def test_separate_worker_processes_give_the_same_result(corpus, corpus_run, tiny_ckpt_dir, tmp_path):
+    """Workers in their own processes (as on Dataflow): DoFns pickle, and units stay whole."""
+    _, manifest, _, _ = corpus
+    output = str(tmp_path / "mp")
+    result = embed.run(["--input", manifest, "--output", output, "--model", tiny_ckpt_dir, "--unit_size", "3",
+                        "--batch_size", "2", "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert result.totals == corpus_run[1].totals
+    reference = {r["id"]: r["image_embedding"] for r in store.open_store(corpus_run[0]).read_table().to_pylist()}
+    rows = store.open_store(output).read_table().to_pylist()
+    assert {r["id"] for r in rows} == set(reference)
+    for r in rows:
+        np.testing.assert_allclose(r["image_embedding"], reference[r["id"]], atol=1e-5)

@@ -1,5 +1,9 @@
 """Read, decode and validate one item, before any batching: a bad item becomes a dead letter
-here, so it can never take a batch of good ones down with it."""
+here, so it can never take a batch of good ones down with it.
+
+Dead letters stay in the same PCollection as the decoded items (the model handler passes them
+through), so decoding, inference and the unit writer form one chain of ParDos that every runner
+fuses: a unit's items never leave the bundle that expanded it."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +18,6 @@ from koclip.processing import ImageDecodeError, ImagePreprocessor, open_image, p
 from pipelines.listing import Item
 
 NAMESPACE = "koclip.embed"
-DEAD = "dead"
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class Decoded:
 
 
 class DecodeItem(beam.DoFn):
-    """(UnitRef, Item) -> Decoded, or a DeadLetter on the `dead` output."""
+    """(UnitRef, Item) -> Decoded, or a DeadLetter."""
 
     def __init__(self, preprocessor: ImagePreprocessor):
         self.pre = preprocessor
@@ -62,7 +65,7 @@ class DecodeItem(beam.DoFn):
     def _dead(self, unit, item, stage, reason, message):
         self.dead.inc()
         Metrics.counter(NAMESPACE, f"dead_letters_{reason}").inc()
-        return beam.pvalue.TaggedOutput(DEAD, DeadLetter(unit, item.id, item.uri, stage, reason, message))
+        return DeadLetter(unit, item.id, item.uri, stage, reason, message)
 
     def process(self, element):
         unit, item = element

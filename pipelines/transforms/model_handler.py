@@ -17,7 +17,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
-from pipelines.transforms.decode import NAMESPACE, Decoded, UnitRef
+from pipelines.transforms.decode import NAMESPACE, DeadLetter, Decoded, UnitRef
 
 
 @dataclass
@@ -46,7 +46,10 @@ class LoadedModel:
             return new
 
 
-class KoclipModelHandler(ModelHandler[Decoded, Embedded, LoadedModel]):
+class KoclipModelHandler(ModelHandler[Decoded | DeadLetter, Embedded | DeadLetter, LoadedModel]):
+    """Embeds the Decoded items of a batch; dead letters pass through untouched, and a batch whose
+    encoding raises becomes dead letters (stage "embed") instead of failing the job."""
+
     def __init__(self, model_path: str, batch_size: int = 32, dtype: str = "float32",
                  compilation_cache: str | None = None):
         self.model_path = model_path
@@ -72,10 +75,33 @@ class KoclipModelHandler(ModelHandler[Decoded, Embedded, LoadedModel]):
         Metrics.counter(NAMESPACE, "warmup_compiles").inc(sum(encoders.compiles().values()))
         return LoadedModel(encoders, ckpt.fingerprint)
 
-    def run_inference(self, batch: Sequence[Decoded], model: LoadedModel, inference_args=None) -> list[Embedded]:
+    def run_inference(self, batch: Sequence[Decoded | DeadLetter], model: LoadedModel,
+                      inference_args=None) -> list[Embedded | DeadLetter]:
+        decoded = [d for d in batch if isinstance(d, Decoded)]
+        passed = [d for d in batch if isinstance(d, DeadLetter)]
+        if not decoded:
+            return passed
         started = time.perf_counter()
         # min/max of the start times: when the first batch began, i.e. the end of start-up.
         Metrics.distribution(NAMESPACE, "batch_start_unix_ms").update(int(time.time() * 1000))
+        try:
+            embedded = self._embed(decoded, model)
+        except Exception as e:  # the batch's items become dead letters; the job goes on
+            Metrics.counter(NAMESPACE, "dead_letters").inc(len(decoded))
+            Metrics.counter(NAMESPACE, "dead_letters_inference_failed").inc(len(decoded))
+            return passed + [DeadLetter(d.unit, d.item.id, d.item.uri, "embed", "inference_failed",
+                                        f"{type(e).__name__}: {e}") for d in decoded]
+        Metrics.distribution(NAMESPACE, "batch_latency_ms").update(int((time.perf_counter() - started) * 1000))
+        Metrics.counter(NAMESPACE, "items_embedded").inc(len(decoded))
+        Metrics.counter(NAMESPACE, "captions_embedded").inc(sum(len(d.captions) for d in decoded))
+        Metrics.counter(NAMESPACE, "batches").inc()
+        recompiles = model.new_compiles()
+        if recompiles:
+            Metrics.counter(NAMESPACE, "recompiles").inc(recompiles)
+        return passed + embedded
+
+    @staticmethod
+    def _embed(batch: list[Decoded], model: LoadedModel) -> list[Embedded]:
         images = model.encoders.images(np.stack([d.pixels for d in batch]))
         captions = [c for d in batch for c in d.captions]
         texts = model.encoders.texts(captions) if captions else np.zeros((0, images.shape[1]), np.float32)
@@ -85,13 +111,6 @@ class KoclipModelHandler(ModelHandler[Decoded, Embedded, LoadedModel]):
             decoded.pixels = None
             results.append(Embedded(decoded.unit, decoded, image, texts[offset:offset + n]))
             offset += n
-        Metrics.distribution(NAMESPACE, "batch_latency_ms").update(int((time.perf_counter() - started) * 1000))
-        Metrics.counter(NAMESPACE, "items_embedded").inc(len(batch))
-        Metrics.counter(NAMESPACE, "captions_embedded").inc(len(captions))
-        Metrics.counter(NAMESPACE, "batches").inc()
-        recompiles = model.new_compiles()
-        if recompiles:
-            Metrics.counter(NAMESPACE, "recompiles").inc(recompiles)
         return results
 
     def batch_elements_kwargs(self) -> dict:
