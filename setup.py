@@ -20,7 +20,8 @@ CORE = [
 PIPELINE = ["apache-beam>=2.77", "pyarrow>=18", "faiss-cpu>=1.12"]
 # Korean text shipped in konlpy trains the demo model's WordPiece vocabulary (data files only).
 DEMO = ["konlpy>=0.6"]
-GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77"]
+# `build` makes the sdist that --setup_file stages for Dataflow workers.
+GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77", "build>=1.2"]
 APP = ["streamlit>=1.40"]
 DEV = [
     "pytest>=8",

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
 from koclip import fs
 from pipelines.listing import ListingError, Unit, list_items, listing_digest, make_units
@@ -67,9 +67,12 @@ class EmbedResult:
     totals: dict
     this_run: dict
     seconds: float
+    job: object = None  # the Dataflow job a --dry_run built (not submitted)
 
     def summary(self) -> str:
         t, r = self.totals, self.this_run
+        if self.job is not None:
+            return f"dry run: the job for {len(self.job.proto_pipeline.components.transforms)} transforms was built, not submitted."
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(t["dead_letter_reasons"].items())) or "none"
         latency = (f", batch latency mean {r['batch_latency_ms_mean']:.0f} ms / max {r['batch_latency_ms_max']} ms"
                    if r.get("batches") else "")
@@ -240,6 +243,9 @@ def run(argv: list[str] | None = None) -> EmbedResult:
         pipeline = beam.Pipeline(runner=runner, options=options)
         build(pipeline, p, opts)
         result = pipeline.run()
+        if options.view_as(TestOptions).dry_run:
+            return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), 0, _totals([]), {},
+                               time.perf_counter() - started, job=getattr(result, "job", None))
         result.wait_until_finish()
         this_run = _metrics(result)
     markers = _done_markers(p.output)

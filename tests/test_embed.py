@@ -256,3 +256,22 @@ def test_separate_worker_processes_give_the_same_result(corpus, corpus_run, tiny
     assert {r["id"] for r in rows} == set(reference)
     for r in rows:
         np.testing.assert_allclose(r["image_embedding"], reference[r["id"]], atol=1e-5)
+
+
+def test_dataflow_job_builds_offline_with_the_package_staged(corpus, tiny_ckpt_dir, tmp_path, monkeypatch):
+    """--dry_run translates the pipeline into a Dataflow job without submitting it: our transforms
+    survive translation and setup.py is built into the sdist that workers install."""
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    _, manifest, _, _ = corpus
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = embed.run(["--input", manifest, "--output", str(tmp_path / "out"), "--model", tiny_ckpt_dir,
+                        "--runner=DataflowRunner", "--project=koclip-test", "--region=us-central1",
+                        "--temp_location=gs://koclip-test/tmp", "--setup_file=./setup.py", "--dry_run=True"])
+    pipeline = result.job.proto_pipeline
+    top_level = {t.unique_name.split("/")[0] for t in pipeline.components.transforms.values()}
+    assert {"Units", "Spread", "Items", "Decode", "Embed", "Write"} <= top_level
+    staged = {beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name
+              for env in pipeline.components.environments.values() for d in env.dependencies}
+    assert "workflow.tar.gz" in staged  # the sdist of setup.py
+    assert not os.path.exists(tmp_path / "out" / "_done")
