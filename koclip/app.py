@@ -34,12 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m koclip.app",
         description="Serve the KoCLIP demo (text→image, image→text, text→patch) with Streamlit.",
     )
-    parser.add_argument("--index", default=None,
+    parser.add_argument("--index", metavar="DIR", default=None,
                         help=f"index folder from `python -m pipelines.index` (default: {demo_index_dir()})")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", metavar="DIR", default=None,
                         help=f"checkpoint folder from `python -m jobs.train` (default: {demo_model_dir()})")
-    parser.add_argument("--port", type=int, default=8501, help="port to listen on (default: 8501)")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--port", metavar="N", type=int, default=8501, help="port to listen on (default: 8501)")
+    parser.add_argument("--host", metavar="ADDR", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 serves other machines)")
     parser.add_argument("--screenshots", metavar="DIR", default=None,
                         help="instead of serving, write one screenshot per tab to DIR (needs playwright "
@@ -88,13 +88,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"koclip.app: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if args.screenshots:
-        from koclip.apps.harness import take_screenshots
+        try:
+            from koclip.apps.harness import take_screenshots
+            import playwright  # noqa: F401
+        except ImportError:
+            print("koclip.app: --screenshots needs playwright; pip install -e '.[dev]'", file=sys.stderr)
+            return EXIT_USAGE
 
-        for path in take_screenshots(args.screenshots, index=args.index, model=args.model):
+        try:
+            paths = take_screenshots(args.screenshots, index=args.index, model=args.model)
+        except FileNotFoundError as e:  # no /usr/bin/chromium
+            print(f"koclip.app: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        for path in paths:
             print(path)
         return 0
-    from streamlit.web import cli as streamlit_cli
-
+    try:
+        from streamlit.web import cli as streamlit_cli
+    except ImportError:
+        print("koclip.app: streamlit is not installed; pip install -e '.[app]' (or 'koclip-index[app]')",
+              file=sys.stderr)
+        return EXIT_USAGE
     # The page logs through "koclip.*" loggers (model and index loads, failed requests).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"koclip.app: serving {args.index} with model {args.model} on http://{args.host}:{args.port}",
