@@ -19,6 +19,10 @@ from pipelines.listing import list_items
 from tests.corpus import write_corpus, write_manifest
 
 
+def corpus_run_model(result) -> str:
+    return json.loads(open(os.path.join(result.output, "_run.json")).read())["model"]
+
+
 def _dead_letters(output: str) -> list[dict]:
     import fsspec
 
@@ -65,6 +69,10 @@ def test_every_bad_input_ends_in_exactly_one_outcome(corpus, corpus_run):
     assert result.this_run["items_embedded"] == len(embedded)
     assert result.this_run["dead_letters"] == len(dead)
     assert result.this_run.get("recompiles", 0) == 0
+    # One model per process, shared by both worker threads: one warm-up, one compile per shape.
+    config = load_checkpoint(corpus_run_model(result)).config
+    assert result.this_run["model_loads"] == 1
+    assert result.this_run["warmup_compiles"] == 1 + len(config.text_length_buckets)
     assert dead["missing"]["stage"] == "read" and dead["empty_caption"]["stage"] == "caption"
     assert all(d["message"] for d in dead.values())
 
@@ -131,17 +139,18 @@ def test_rerun_skips_finished_units_and_overwrite_redoes_them(corpus, corpus_run
         embed.run(args[:-4] + ["--unit_size", "6", "--batch_size", "4"])
 
 
-def test_float16_storage(corpus, tiny_ckpt_dir, corpus_run, tmp_path):
+def test_bfloat16_compute_and_float16_storage(corpus, tiny_ckpt_dir, corpus_run, tmp_path):
     _, manifest, _, _ = corpus
     output = str(tmp_path / "f16")
     embed.run(["--input", manifest, "--output", output, "--model", tiny_ckpt_dir, "--unit_size", "50",
-               "--embedding_dtype", "float16"])
+               "--dtype", "bfloat16", "--embedding_dtype", "float16"])
     half = store.open_store(output)
     assert half.shards[0].embedding_dtype == "float16"
     full = store.open_store(corpus_run[0])
     ids_h, vec_h = next(half.iter_embeddings())
     ref = dict(zip(*[list(x) for x in zip(*[(i, v) for ids, vs in full.iter_embeddings() for i, v in zip(ids, vs)])]))
-    np.testing.assert_allclose(vec_h, np.stack([ref[i] for i in ids_h]), atol=2e-3)
+    cosine = np.sum(vec_h * np.stack([ref[i] for i in ids_h]), axis=1)
+    assert cosine.min() > 0.99, cosine
     assert vec_h.dtype == np.float32
 
 

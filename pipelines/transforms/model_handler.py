@@ -34,9 +34,19 @@ class LoadedModel:
         self.fingerprint = fingerprint
         self._lock = threading.Lock()
         self._compiles_seen = self._total_compiles()
+        self._load_reported = False
 
     def _total_compiles(self) -> int:
         return sum(self.encoders.compiles().values())
+
+    def report_load_once(self) -> None:
+        """Count this load and its warm-up compiles, once (setup runs outside any bundle's metrics)."""
+        with self._lock:
+            if self._load_reported:
+                return
+            self._load_reported = True
+        Metrics.counter(NAMESPACE, "model_loads").inc()
+        Metrics.counter(NAMESPACE, "warmup_compiles").inc(self._compiles_seen)
 
     def new_compiles(self) -> int:
         """Compiles since the last call (the first call counts from the end of warm-up)."""
@@ -72,13 +82,13 @@ class KoclipModelHandler(ModelHandler[Decoded | DeadLetter, Embedded | DeadLette
         ckpt = load_checkpoint(self.model_path)
         encoders = checkpoint_encoders(ckpt, batch_size=self.batch_size, dtype=self.dtype)
         encoders.warmup()
-        Metrics.counter(NAMESPACE, "warmup_compiles").inc(sum(encoders.compiles().values()))
         return LoadedModel(encoders, ckpt.fingerprint)
 
     def run_inference(self, batch: Sequence[Decoded | DeadLetter], model: LoadedModel,
                       inference_args=None) -> list[Embedded | DeadLetter]:
         decoded = [d for d in batch if isinstance(d, Decoded)]
         passed = [d for d in batch if isinstance(d, DeadLetter)]
+        model.report_load_once()
         if not decoded:
             return passed
         started = time.perf_counter()
