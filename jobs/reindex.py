@@ -208,3 +208,171 @@ def _add_to_live(run_out: str, live: str, run_id: str) -> int:
         fs.write_bytes(fs.join(live, name), data)
         added += pq.read_metadata(io.BytesIO(data)).num_rows
     return added
+
+
+# ---------------------------------------------------------------- one run
+
+
+@dataclass
+class ReindexResult:
+    new: int
+    changed: int
+    deleted: int
+    unchanged: int
+    embedded: int = 0
+    dead_letters: int = 0
+    published: str | None = None  # the index version published by this run, if any
+    live_rows: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        head = (f"{self.new} new, {self.changed} changed, {self.deleted} deleted, {self.unchanged} unchanged")
+        if self.published is None:
+            return f"{head}: no change, nothing embedded, nothing published ({self.seconds:.1f} s)"
+        return (f"{head}: embedded {self.embedded} ({self.dead_letters} dead-lettered), index version "
+                f"{self.published} published with {self.live_rows} rows ({self.seconds:.1f} s)")
+
+
+def _embed_changes(args, work: str, run_id: str, items: list[Item]) -> tuple[str, set[str]]:
+    from pipelines import embed
+
+    run_dir = fs.join(work, RUNS_DIR, run_id)
+    manifest = fs.join(run_dir, "input.jsonl")
+    _write_run_manifest(manifest, items)
+    output = fs.join(run_dir, "embeddings")
+    embed.run(["--input", manifest, "--output", output, "--model", args.model, "--batch_size", str(args.batch_size),
+               "--unit_size", str(args.unit_size), *args.beam_args])
+    return output, _dead_ids(output)
+
+
+def index_is_published(root: str) -> bool:
+    from koclip.index import current_version
+
+    return current_version(root) is not None
+
+
+def publish_index(args, live: str, run_out: str | None, removed_ids: set[str], before_publish=None):
+    """A new index version over the live store: extended from the current one (koclip.index
+    decides when it must be rebuilt instead), or built from scratch the first time."""
+    from koclip import index as kindex
+
+    options = dict(kind=args.kind, max_memory=args.max_memory, target_recall=args.target_recall, keep=args.keep,
+                   before_publish=before_publish)
+    if not index_is_published(args.index):
+        built = kindex.build_index(live, args.index, column=args.column, **options)
+    else:
+        add = run_out if run_out is not None and store.list_shards(run_out) else None
+        built = kindex.extend_index(args.index, add=add, remove=sorted(removed_ids), full_store=live, **options)
+    return (built.version if built.published else None), built.meta["count"]
+
+
+def reindex(args, before_publish=None) -> ReindexResult:
+    """One scheduled run (module docstring). `before_publish(version_folder)` runs after the new index
+    version is written and before CURRENT names it (an exception there leaves the old one served)."""
+    started = time.perf_counter()
+    work = args.work
+    try:
+        items = list_items(args.source)
+    except ListingError as e:
+        raise ReindexError(str(e)) from None
+    sigs = signatures(items, content_hash=args.content_hash)
+    previous = load_state(work)
+    changes = diff(items, sigs, previous)
+    result = ReindexResult(len(changes.new), len(changes.changed), len(changes.deleted), changes.unchanged)
+    live = fs.join(work, LIVE_DIR)
+    if changes.empty and index_is_published(args.index):
+        result.seconds = time.perf_counter() - started
+        return result
+
+    run_id = changes.digest(sigs)
+    dead: set[str] = set()
+    run_out = None
+    to_embed = changes.new + changes.changed
+    if to_embed:
+        run_out, dead = _embed_changes(args, work, run_id, to_embed)
+    removed_ids = set(changes.deleted) | {i.id for i in changes.changed}
+    _remove_from_live(live, removed_ids)
+    if to_embed:
+        _add_to_live(run_out, live, run_id)
+    result.embedded = len(to_embed) - len(dead)
+    result.dead_letters = len(dead)
+
+    if not store.list_shards(live):
+        raise ReindexError(f"nothing to index: none of the {len(items)} items of {args.source} could be embedded "
+                           f"(see {fs.join(work, RUNS_DIR, run_id, 'embeddings', '_dead_letters')})")
+    result.published, result.live_rows = publish_index(args, live, run_out, removed_ids, before_publish)
+
+    state = {k: v for k, v in previous.items() if k not in removed_ids}
+    for item in to_embed:
+        state[item.id] = {"id": item.id, "signature": sigs[item.id], "status": "dead" if item.id in dead else "embedded"}
+    save_state(work, state)
+    if run_out is not None:
+        _drop_run_shards(run_out)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _drop_run_shards(run_out: str) -> None:
+    """The run's shards now live in the live store. Its dead letters stay for inspection; its done
+    markers go too, so that the same diff, should it ever recur, is embedded again."""
+    filesystem, root = fsspec.core.url_to_fs(run_out)
+    for path in store.list_shards(run_out):
+        filesystem.rm(fsspec.core.url_to_fs(path)[1])
+    for name in ("_done", "_run.json"):
+        if filesystem.exists(f"{root}/{name}"):
+            filesystem.rm(f"{root}/{name}", recursive=True)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="python -m jobs.reindex", description=head, epilog=rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="folder/glob of images (x.jpg + x.txt) or a manifest; local or gs://")
+    p.add_argument("--work", required=True, help="state folder: state.parquet, live/ embeddings, runs/ (local or gs://)")
+    p.add_argument("--index", required=True, help="index root to publish versions into (local or gs://)")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
+    p.add_argument("--column", default="image_embedding", choices=store.EMBEDDING_COLUMNS)
+    p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
+    p.add_argument("--kind", default="auto", help="index type: auto, flat, hnsw or ivfpq (default auto)")
+    p.add_argument("--max-memory", default="4GB", help="memory budget of the index (default 4GB)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for (default 0.95)")
+    p.add_argument("--content-hash", action="store_true",
+                   help="compare files by the sha256 of their bytes instead of size + etag/mtime")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--unit-size", type=int, default=1000)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args, beam_args = build_parser().parse_known_args(argv)
+    args.beam_args = beam_args  # passed on to the embedding pipeline (e.g. --runner=DataflowRunner ...)
+    if args.model is None:
+        from koclip.data import demo_model_dir
+
+        args.model = demo_model_dir()
+    if args.keep < 1:
+        raise ReindexError(f"--keep must be at least 1, got {args.keep}")
+    return args
+
+
+def main(argv=None) -> int:
+    from pipelines.embed import PlanError
+    from pipelines.options import OptionsError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        result = reindex(parse_args(argv))
+    except (ReindexError, PlanError, OptionsError, store.StoreError) as e:
+        print(f"jobs.reindex: error: {e}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""jobs.reindex: add, change and delete source files; the published index follows exactly."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import reindex
+from koclip import fs
+from koclip.checkpoint import load_checkpoint
+from koclip.encoders import checkpoint_encoders
+from koclip.index import current_version, list_versions, load_index
+from koclip.processing import ImagePreprocessor
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (36, 44, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _put(root: str, name: str, seed: int, caption: str | None = None) -> None:
+    fs.write_bytes(fs.join(root, f"{name}.png"), _png(seed))
+    if caption is not None:
+        fs.write_bytes(fs.join(root, f"{name}.txt"), caption.encode())
+
+
+def _delete(root: str, name: str) -> None:
+    import fsspec
+
+    filesystem, path = fsspec.core.url_to_fs(fs.join(root, name))
+    filesystem.rm(path)
+
+
+def _args(source, work, index, model, *extra):
+    return reindex.parse_args(["--source", source, "--work", work, "--index", index, "--model", model,
+                               "--unit-size", "4", "--batch-size", "4", *extra])
+
+
+@pytest.fixture(scope="module")
+def encode_image(tiny_ckpt_dir):
+    ckpt = load_checkpoint(tiny_ckpt_dir)
+    encoders = checkpoint_encoders(ckpt, batch_size=4)
+    preprocess = ImagePreprocessor.from_config(ckpt.config)
+    return lambda data: encoders.images(preprocess(data)[None])[0]
+
+
+def _indexed_ids(index_root: str) -> set[str]:
+    return set(load_index(index_root).rows.column("id").to_pylist())
+
+
+def _check_cycle(source, work, index, model, encode_image):
+    for i in range(6):
+        _put(source, f"img{i}", seed=i, caption=f"그림 {i}")
+    first = reindex.reindex(_args(source, work, index, model))
+    assert (first.new, first.embedded, first.published is not None) == (6, 6, True)
+    assert _indexed_ids(index) == {f"img{i}.png" for i in range(6)}
+
+    version = current_version(index)
+    again = reindex.reindex(_args(source, work, index, model))
+    assert (again.new, again.changed, again.deleted, again.embedded, again.published) == (0, 0, 0, 0, None)
+    assert current_version(index) == version
+
+    _put(source, "img6", seed=6, caption="새 그림")
+    _put(source, "img7", seed=7)  # no caption sidecar
+    _put(source, "img2", seed=102)  # changed content
+    _delete(source, "img4.png")
+    _delete(source, "img4.txt")
+    third = reindex.reindex(_args(source, work, index, model))
+    assert (third.new, third.changed, third.deleted, third.unchanged, third.embedded) == (2, 1, 1, 4, 3)
+    expected = {f"img{i}.png" for i in (0, 1, 2, 3, 5, 6, 7)}
+    assert _indexed_ids(index) == expected
+
+    loaded = load_index(index)
+    scores, rows = loaded.search(encode_image(_png(102))[None], 1)
+    assert loaded.records(rows[0])[0]["id"] == "img2.png" and scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+    assert set(reindex.load_state(work)) == expected
+    return loaded
+
+
+def test_local_add_change_delete_and_idempotent_rerun(tmp_path, tiny_ckpt_dir, encode_image):
+    source, work, index = str(tmp_path / "src"), str(tmp_path / "work"), str(tmp_path / "index")
+    os.makedirs(source)
+    _check_cycle(source, work, index, tiny_ckpt_dir, encode_image)
+    assert len(list_versions(index)) == 2  # first build + the change; the no-change run published nothing
+    live = reindex.store.open_store(os.path.join(work, reindex.LIVE_DIR))
+    assert sorted(live.read_table(["id"]).column("id").to_pylist()) == sorted(_indexed_ids(index))
+
+
+def test_crash_between_build_and_publish_keeps_the_previous_version(tmp_path, tiny_ckpt_dir):
+    source, work, index = str(tmp_path / "src"), str(tmp_path / "work"), str(tmp_path / "index")
+    os.makedirs(source)
+    for i in range(3):
+        _put(source, f"a{i}", seed=i, caption=f"캡션 {i}")
+    reindex.reindex(_args(source, work, index, tiny_ckpt_dir))
+    served = current_version(index)
+    _put(source, "a3", seed=3, caption="추가")
+
+    def crash(folder: str):
+        assert fs.exists(fs.join(folder, "meta.json"))  # built and written, not yet published
+        raise RuntimeError("killed before publishing")
+
+    with pytest.raises(RuntimeError, match="killed before publishing"):
+        reindex.reindex(_args(source, work, index, tiny_ckpt_dir), before_publish=crash)
+    assert current_version(index) == served
+    assert _indexed_ids(index) == {"a0.png", "a1.png", "a2.png"}
+
+    recovered = reindex.reindex(_args(source, work, index, tiny_ckpt_dir))
+    assert recovered.new == 1 and recovered.published is not None
+    assert _indexed_ids(index) == {f"a{i}.png" for i in range(4)}
+
+
+def test_gcs_source_work_and_index(gcs_bucket, tiny_ckpt_dir, encode_image):
+    loaded = _check_cycle(f"{gcs_bucket}/src", f"{gcs_bucket}/work", f"{gcs_bucket}/index", tiny_ckpt_dir,
+                          encode_image)
+    assert loaded.meta["count"] == 7
+
+
+def test_errors_are_one_line(tmp_path, capsys, tiny_ckpt_dir):
+    args = ["--work", str(tmp_path / "w"), "--index", str(tmp_path / "i"), "--model", tiny_ckpt_dir]
+    assert reindex.main(["--source", str(tmp_path / "missing"), *args]) == 2
+    assert "input not found" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    assert reindex.main(["--source", str(tmp_path / "bad"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to index" in err and err.count("\n") == 1
