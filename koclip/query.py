@@ -9,7 +9,7 @@ Without --index/--model the demo index (`python -m pipelines.index`) and the dem
 (`python -m jobs.train`) in ~/.cache/koclip are used. In Python:
 
   from koclip.query import search, classify, rank_patches
-  search("소파 위에 고양이", k=10)          # -> [Hit(rank, score, id, uri, captions), ...]
+  search("소파 위에 고양이", k=10)          # -> [Hit(rank, score, id, uri, captions, item_id), ...]
 
 A `str` query is always text; an image is a `pathlib.Path`, `bytes` or a `PIL.Image.Image`; a
 numpy vector [D] (or [N, D]) is searched as it is, after L2 normalisation. A list is a batch and
@@ -19,13 +19,11 @@ koclip.encoders.checkpoint_encoders, the functions evaluation and the embedding 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -59,6 +57,7 @@ class Hit:
     id: str
     uri: str
     captions: list[str]
+    item_id: str  # the item's id; differs from id only in a caption index, whose rows are "item#k"
 
 
 # ---------------------------------------------------------------- models
@@ -126,12 +125,8 @@ class QueryModel:
 
 
 _MODELS: dict[tuple, QueryModel] = {}
-_INDEXES: dict[str, object] = {}
+_INDEXES: dict[str, tuple[str, object]] = {}  # path -> (version, index)
 _LOADS: Counter = Counter()
-
-
-def _default(path, default_fn) -> str:
-    return os.fspath(path) if path is not None else default_fn()
 
 
 def load_model(path=None, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = "float32") -> QueryModel:
@@ -140,7 +135,7 @@ def load_model(path=None, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = 
     from koclip.checkpoint import load_checkpoint
     from koclip.data import demo_model_dir
 
-    path = _default(path, demo_model_dir)
+    path = os.fspath(path) if path is not None else demo_model_dir()
     key = (path if "://" in path else os.path.abspath(path), batch_size, dtype)
     if key not in _MODELS:
         if not fs.exists(fs.join(path, "config.json")):
@@ -152,28 +147,28 @@ def load_model(path=None, *, batch_size: int = DEFAULT_BATCH_SIZE, dtype: str = 
 
 
 def load_index(path=None):
-    """The index at `path` (default: the demo index), cached per process by its resolved version,
-    so publishing a new version under the same root is picked up by the next call."""
+    """The index at `path` (default: the demo index), cached per process. An index root is
+    cached by the version its CURRENT pointer names: a newly published version is loaded by the
+    next call, and replaces the old one in the cache."""
     from koclip import fs
     from koclip import index as faiss_index
     from koclip.data import demo_index_dir
 
-    path = _default(path, demo_index_dir)
+    path = os.fspath(path) if path is not None else demo_index_dir()
     if not fs.exists(path):
         raise QueryError(f"no index at {path}; build one with `python -m pipelines.index` (or pass --index DIR)")
-    key = faiss_index.resolve_version(path)
-    if "://" not in key:
-        key = os.path.abspath(key)
-    if key not in _INDEXES:
-        _INDEXES[key] = faiss_index.load_index(key)
+    key = path if "://" in path else os.path.abspath(path)
+    version = faiss_index.resolve_version(path)
+    if key not in _INDEXES or _INDEXES[key][0] != version:
+        _INDEXES[key] = (version, faiss_index.load_index(version))
         _LOADS["index"] += 1
-    return _INDEXES[key]
+    return _INDEXES[key][1]
 
 
 def cache_info() -> dict:
     """{"model_loads", "index_loads": loads so far; "models", "indexes": what is cached}."""
     return {"model_loads": _LOADS["model"], "index_loads": _LOADS["index"],
-            "models": [key[0] for key in _MODELS], "indexes": list(_INDEXES)}
+            "models": [key[0] for key in _MODELS], "indexes": [version for version, _ in _INDEXES.values()]}
 
 
 def clear_cache() -> None:
@@ -222,9 +217,7 @@ def _kind(item) -> str:
 
 def _as_batch(query) -> tuple[list, bool]:
     """(items, whether the query was a single item)."""
-    if isinstance(query, np.ndarray) and query.ndim == 2:
-        return list(query), False
-    if isinstance(query, (list, tuple)):
+    if isinstance(query, (list, tuple)) or (isinstance(query, np.ndarray) and query.ndim == 2):
         return list(query), False
     return [query], True
 
@@ -233,10 +226,10 @@ def embed_queries(items: list, model, dim: int) -> np.ndarray:
     """float32 [N, dim], L2-normalised: texts and images through the model, vectors as given."""
     kinds = [_kind(item) for item in items]
     out = np.zeros((len(items), dim), dtype=np.float32)
-    for kind, embed in (("text", lambda m, xs: m.embed_texts(xs)), ("image", lambda m, xs: m.embed_images(xs))):
+    for kind, method in (("text", "embed_texts"), ("image", "embed_images")):
         positions = [i for i, k in enumerate(kinds) if k == kind]
-        if positions:
-            out[positions] = embed(model(), [items[i] for i in positions])
+        if positions:  # texts together, images together: one encoder call each
+            out[positions] = getattr(model(), method)([items[i] for i in positions])
     for i in (i for i, k in enumerate(kinds) if k == "vector"):
         vector = np.asarray(items[i], dtype=np.float32)
         norm = float(np.linalg.norm(vector))
@@ -277,7 +270,8 @@ def search(query, k: int = 10, index=None, model=None):
     for query_scores, query_rows in zip(np.asarray(scores), np.asarray(rows)):
         found = query_rows >= 0
         records = idx.records(query_rows[found])
-        results.append([Hit(rank, float(score), str(r["id"]), str(r["uri"]), list(r["captions"] or []))
+        results.append([Hit(rank, float(score), str(r["id"]), str(r["uri"]), list(r["captions"] or []),
+                            str(r.get("item_id") or r["id"]))
                         for rank, (score, r) in enumerate(zip(query_scores[found], records), start=1)])
     return results[0] if single else results
 
@@ -327,119 +321,11 @@ def rank_patches(text: str, image, grid=(3, 3), mode: str = "crops", model=None)
 # ---------------------------------------------------------------- command line
 
 
-def _read_image(path: str) -> bytes:
-    """A query image named on the command line (local path or any fsspec URL), as bytes."""
-    from koclip import fs
-
-    try:
-        return fs.read_bytes(path)
-    except FileNotFoundError:
-        raise QueryImageError("not_found", "no such file", path) from None
-
-
-def _hits_table(hits: list[Hit]) -> str:
-    if not hits:
-        return "(no hits: the index is empty)"
-    id_width = max(len("id"), *(len(h.id) for h in hits))
-    uri_width = max(len("uri"), *(len(h.uri) for h in hits))
-    lines = [f"{'rank':>4}  {'score':>7}  {'id':<{id_width}}  {'uri':<{uri_width}}  captions"]
-    lines += [f"{h.rank:>4}  {h.score:7.4f}  {h.id:<{id_width}}  {h.uri:<{uri_width}}  {' / '.join(h.captions)}"
-              for h in hits]
-    return "\n".join(lines)
-
-
-def _print_json(data) -> None:
-    print(json.dumps(data, ensure_ascii=False, indent=2))
-
-
-def _run_search(args) -> None:
-    queries = list(args.texts) + [pathlib.Path(p) for p in args.image]
-    if not queries:
-        raise QueryError("nothing to search for: give a text, --image PATH, --classify or --patches")
-    # Read images through fsspec (gs:// too); name them by what was typed.
-    items = list(args.texts) + [_read_image(p) for p in args.image]
-    results = search(items, k=args.k, index=args.index, model=args.model)
-    names = list(args.texts) + list(args.image)
-    if args.json:
-        _print_json([{"query": name, "hits": [asdict(h) for h in hits]} for name, hits in zip(names, results)])
-        return
-    for i, (name, hits) in enumerate(zip(names, results)):
-        print(("\n" if i else "") + f"query: {name}")
-        print(_hits_table(hits))
-
-
-def _run_classify(args) -> None:
-    if not args.labels:
-        raise QueryError("--classify needs --labels a,b,c")
-    labels = [label.strip() for label in args.labels.split(",")]
-    ranked = classify(_read_image(args.classify), labels, template=args.template, model=args.model)
-    if args.json:
-        _print_json({"image": args.classify, "template": args.template, "probabilities": dict(ranked)})
-        return
-    width = max(len("label"), *(len(label) for label, _ in ranked))
-    print(f"{'label':<{width}}  probability")
-    for label, prob in ranked:
-        print(f"{label:<{width}}  {prob:11.4f}")
-
-
-def _run_patches(args) -> None:
-    if not args.text:
-        raise QueryError("--patches needs --text TEXT")
-    result = rank_patches(" ".join(args.text), _read_image(args.patches), grid=args.grid, mode=args.mode,
-                          model=args.model)
-    if args.out:
-        result.save_overlay(args.out)
-    if args.json:
-        _print_json({"image": args.patches, "text": result.text, "mode": result.mode, "grid": list(result.grid),
-                     "cells": result.cells(), "overlay": args.out})
-        return
-    print(f"{'rank':>4}  {'score':>7}  {'row':>3}  {'col':>3}  box (x0, y0, x1, y1)")
-    for cell in result.cells():
-        print(f"{cell['rank']:>4}  {cell['score']:7.4f}  {cell['row']:>3}  {cell['col']:>3}  {tuple(cell['box'])}")
-    if args.out:
-        print(f"wrote {args.out}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m koclip.query", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("texts", nargs="*", metavar="TEXT", help="text queries (each one is searched)")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
-                        help="an image query, local or gs:// (repeatable)")
-    parser.add_argument("--index", help="index directory (default: the demo index in ~/.cache/koclip)")
-    parser.add_argument("--model", help="checkpoint directory (default: the demo model in ~/.cache/koclip)")
-    parser.add_argument("-k", type=int, default=10, help="hits per query (default: 10)")
-    parser.add_argument("--classify", metavar="IMAGE", help="zero-shot classify IMAGE over --labels instead")
-    parser.add_argument("--labels", help="comma-separated labels for --classify")
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE,
-                        help=f"--classify prompt, '{{}}' is the label (default: {DEFAULT_TEMPLATE!r})")
-    parser.add_argument("--patches", metavar="IMAGE", help="rank a grid of IMAGE's cells against --text instead")
-    parser.add_argument("--text", nargs="+", help="the text for --patches")
-    parser.add_argument("--grid", default="3x3", help="--patches grid, ROWSxCOLS (default: 3x3)")
-    parser.add_argument("--mode", choices=["crops", "tokens"], default="crops",
-                        help="--patches scoring: embed each crop, or pool the patch tokens (default: crops)")
-    parser.add_argument("--out", help="--patches: write the heat-map overlay PNG here")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from koclip.checkpoint import CheckpointError
-    from koclip.config import ConfigError
-    from koclip.index import IndexError as FaissIndexError
+    """`python -m koclip.query` (koclip/query_cli.py); returns the exit status."""
+    from koclip.query_cli import main as cli_main
 
-    try:
-        if args.classify and args.patches:
-            raise QueryError("give one of --classify and --patches, not both")
-        if (args.classify or args.patches) and (args.texts or args.image):
-            raise QueryError("--classify and --patches take no search queries (TEXT or --image)")
-        run = _run_classify if args.classify else _run_patches if args.patches else _run_search
-        run(args)
-    except (QueryError, FileNotFoundError, CheckpointError, ConfigError, FaissIndexError) as e:
-        print(f"query: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
