@@ -1,0 +1,267 @@
+"""koclip.index on real Parquet stores and real FAISS: choice, recall, publishing, loading, extending.
+
+Stores hold synthetic clustered unit vectors (bench.index.clustered_vectors, seeded, D=32), written
+with koclip.store. Recall is checked against numpy's exact inner products, not FAISS's own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
+from bench.index import clustered_vectors  # noqa: E402
+from koclip import fs  # noqa: E402
+from koclip.index import (KINDS, IndexBuildError, IndexFolderError,  # noqa: E402
+                          build_index, choose_index, current_version, extend_index, list_versions, load_index,
+                          parse_memory)
+from koclip.index_faiss import query_rows, set_search_params  # noqa: E402
+from koclip.store import Row, StoreError, rows_to_table, write_shard  # noqa: E402
+
+DIM = 32
+EXHAUSTIVE = {"flat": {}, "hnsw": {"efSearch": 512}, "ivfpq": {"nprobe": 4096, "k_factor": 32}}
+
+
+def vectors(n: int, seed: int = 0) -> np.ndarray:
+    return clustered_vectors(n, DIM, centres=64, intrinsic_dim=8, seed=seed)
+
+
+def write_store(root: str, vecs: np.ndarray, first: int = 0, shards: int = 2, fingerprint: str = "model-a",
+                captions: int = 1) -> str:
+    items = [Row(f"item{first + i}", f"gs://images/{first + i}.png", "0" * 64, 8, 8,
+                 [f"caption {first + i} #{c}" for c in range(captions)], v, np.tile(v, (captions, 1)), "train")
+             for i, v in enumerate(vecs)]
+    for s, part in enumerate(np.array_split(np.arange(len(items)), shards)):
+        table = rows_to_table([items[i] for i in part], fingerprint, {"projection_dim": DIM}, DIM)
+        write_shard(fs.join(root, f"shard-{s:05d}.parquet"), table)
+    return root
+
+
+def exact_recall(index, queries: np.ndarray, corpus: np.ndarray, drop_self: bool) -> float:
+    """recall@10 of index.search against numpy's exact ranking (own row dropped for corpus queries)."""
+    k = 11 if drop_self else 10
+    _, found = index.search(queries, k)
+    truth = np.argsort(-(queries @ corpus.T), axis=1, kind="stable")[:, :k]
+    hits = 0.0
+    for got, want in zip(found, truth):
+        if drop_self:
+            own = want[0]
+            got, want = [r for r in got if r != own][:10], [r for r in want if r != own][:10]
+        hits += len(set(got[:10]) & set(want[:10])) / 10
+    return hits / len(queries)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return vectors(4000)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus):
+    return write_store(str(tmp_path_factory.mktemp("store")), corpus, shards=3)
+
+
+# ---------------------------------------------------------------- choosing
+
+
+def test_parse_memory():
+    assert parse_memory("4GB") == 4 * 2**30 and parse_memory("512 MiB") == 512 * 2**20
+    assert parse_memory("1.5g") == int(1.5 * 2**30) and parse_memory(123) == 123
+    with pytest.raises(IndexBuildError, match="cannot read memory size"):
+        parse_memory("lots")
+
+
+def test_auto_choice_follows_size_and_budget():
+    assert choose_index(20_000, 512).kind == "flat"
+    assert choose_index(200_000, 512, "4GB").kind == "hnsw"  # ~0.45 GB of vectors and links
+    ivf = choose_index(200_000, 512, "200MB")  # HNSW needs ~0.44 GB
+    assert (ivf.kind, ivf.refine, ivf.pq_m) == ("ivfpq", True, 64)
+    assert ivf.factory == f"OPQ64,IVF{ivf.nlist},PQ64,Refine(SQ8)" and ivf.nlist == round(4 * 200_000 ** 0.5)
+    lean = choose_index(10_000_000, 512, "1GB")  # no room for re-ranking codes: bigger PQ codes instead
+    assert lean.kind == "ivfpq" and not lean.refine and 512 % lean.pq_m == 0
+    assert lean.estimated_bytes <= 2**30 < choose_index(10_000_000, 512, "1GB", "ivfpq").estimated_bytes * 2
+    with pytest.raises(IndexBuildError, match="cannot hold"):
+        choose_index(10_000_000, 512, "10MB")
+    with pytest.raises(IndexBuildError, match="index kind must be one of"):
+        choose_index(10, 512, kind="lsh")
+
+
+# ---------------------------------------------------------------- recall, per kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_reaches_the_target_recall(tmp_path, store, corpus, kind):
+    result = build_index(store, str(tmp_path / "idx"), kind=kind, queries=400)
+    meta = result.meta
+    assert meta["kind"] == kind and meta["target_reached"] and meta["recall_at_10"] >= 0.95
+    index = load_index(str(tmp_path / "idx"))
+    # meta's figure, recomputed here: the same query rows, exact ranking by numpy
+    rows = query_rows(len(corpus), 400, seed=0)
+    assert exact_recall(index, corpus[rows], corpus, drop_self=True) == pytest.approx(meta["recall_at_10"], abs=0.01)
+    held_out = vectors(300, seed=7)  # not in the index
+    assert exact_recall(index, held_out, corpus, drop_self=False) >= 0.93
+    assert index.count == len(corpus) and index.dim == DIM and meta["fingerprint"] == "model-a"
+    assert meta["model_config"] == {"projection_dim": DIM} and meta["recall_queries"] == 400
+    expected = {"flat": {}, "hnsw": {"efSearch"}, "ivfpq": {"nprobe", "k_factor"}}[kind]
+    assert set(meta["search_params"]) == set(expected)
+
+
+def test_search_returns_rows_and_their_metadata(tmp_path, corpus):
+    store = write_store(str(tmp_path / "small"), corpus[:5], captions=2)
+    build_index(store, str(tmp_path / "idx"))
+    index = load_index(str(tmp_path / "idx"))
+    scores, rows = index.search(corpus[3], k=8)  # a single vector, more k than rows
+    assert rows.dtype == np.int64 and scores.dtype == np.float32 and rows.shape == (1, 8)
+    assert rows[0, 0] == 3 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert list(rows[0, 5:]) == [-1, -1, -1]
+    records = index.records(rows[0])
+    assert records[0] == {"row": 3, "id": "item3", "item_id": "item3", "uri": "gs://images/3.png",
+                          "captions": ["caption 3 #0", "caption 3 #1"]}
+    assert records[5:] == [None, None, None] and index.ids == [f"item{i}" for i in range(5)]
+    with pytest.raises(ValueError, match=r"needs \[N, 32\]"):
+        index.search(np.zeros((2, 16), np.float32))
+
+
+def test_caption_index_has_a_row_per_caption(tmp_path, corpus):
+    store = write_store(str(tmp_path / "small"), corpus[:6], captions=2)
+    result = build_index(store, str(tmp_path / "idx"), column="caption_embeddings")
+    index = load_index(result.path)  # a version folder works as well as the root
+    assert index.count == 12 and index.meta["column"] == "caption_embeddings"
+    assert index.records([5]) == [{"row": 5, "id": "item2#1", "item_id": "item2", "uri": "gs://images/2.png",
+                                   "captions": ["caption 2 #1"]}]
+
+
+# ---------------------------------------------------------------- versions and publishing
+
+
+def _publish_round(root: str, store: str) -> None:
+    first = build_index(store, root, keep=2)
+    assert current_version(root) == first.version
+    versions = [first.version] + [build_index(store, root, keep=2).version for _ in range(2)]
+    assert versions == sorted(versions) and current_version(root) == versions[-1]
+    assert list_versions(root) == versions[-2:]  # keep=2: the oldest is gone
+    index = load_index(root)
+    assert index.version == versions[-1] and index.records([0])[0]["id"] == "item0"
+    meta = json.loads(fs.read_bytes(fs.join(root, "versions", versions[-1], "meta.json")))
+    assert meta["version"] == versions[-1] and meta["count"] == index.count
+
+
+def test_publish_keeps_the_last_versions_locally(tmp_path, corpus):
+    _publish_round(str(tmp_path / "idx"), write_store(str(tmp_path / "store"), corpus[:300]))
+
+
+def test_publish_keeps_the_last_versions_on_gcs(gcs_bucket, tmp_path, corpus):
+    store = write_store(f"{gcs_bucket}/store", corpus[:300])
+    _publish_round(f"{gcs_bucket}/idx", store)
+
+
+def test_a_failure_before_publishing_leaves_the_previous_version_served(tmp_path, corpus):
+    root = str(tmp_path / "idx")
+    store = write_store(str(tmp_path / "store"), corpus[:300])
+    served = build_index(store, root).version
+    written = []
+
+    def crash(folder):  # everything of the new version is written; CURRENT is not flipped yet
+        written.extend(sorted(os.listdir(folder)))
+        raise RuntimeError("killed between build and publish")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        build_index(write_store(str(tmp_path / "store2"), corpus[:400]), root, before_publish=crash)
+    assert written == ["index.faiss", "meta.json", "rows.parquet"]
+    assert current_version(root) == served and list_versions(root) == [served]
+    assert load_index(root).count == 300
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path, corpus):
+    root = str(tmp_path / "idx")
+    build_index(write_store(str(tmp_path / "store"), corpus[:50]), root)
+    assert load_index(root, expect_fingerprint="model-a").fingerprint == "model-a"
+    with pytest.raises(IndexFolderError, match="index built by model model-a, the query model is model-b"):
+        load_index(root, expect_fingerprint="model-b")
+
+
+def test_empty_or_missing_inputs_are_clear_errors(tmp_path, corpus):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="no embedding shards"):
+        build_index(str(tmp_path / "empty"), str(tmp_path / "idx"))
+    no_captions = write_store(str(tmp_path / "nocap"), corpus[:5], captions=0)
+    with pytest.raises(IndexBuildError, match="holds no caption_embeddings vectors"):
+        build_index(no_captions, str(tmp_path / "idx"), column="caption_embeddings")
+    with pytest.raises(IndexFolderError, match="is not an index: no CURRENT"):
+        load_index(str(tmp_path / "empty"))
+    with pytest.raises(IndexFolderError, match="index folder not found"):
+        load_index(str(tmp_path / "nowhere"))
+    with pytest.raises(IndexBuildError, match="ivfpq needs at least"):
+        build_index(no_captions, str(tmp_path / "idx"), kind="ivfpq")
+
+
+# ---------------------------------------------------------------- extending
+
+
+def _extend_and_check(tmp_path, corpus, kind: str, **build):
+    root = str(tmp_path / "idx")
+    base = build_index(write_store(str(tmp_path / "base"), corpus[:3000], shards=3), root, kind=kind,
+                       queries=300, **build)
+    fresh = vectors(200, seed=3)  # items 2950..3149: 50 replace old items, 150 are new
+    added = write_store(str(tmp_path / "add"), fresh, first=2950)
+    removed = [f"item{i}" for i in range(0, 100, 2)]
+    result = extend_index(root, add=added, remove=removed, queries=300)
+    index = load_index(root)
+    expected = [f"item{i}" for i in range(2950) if f"item{i}" not in removed] + \
+               [f"item{i}" for i in range(2950, 3150)]
+    assert index.ids == expected and index.count == len(expected) == 3100
+    assert index.meta["parent"] == base.version and result.meta["count"] == 3100
+    kept = np.concatenate([np.delete(corpus[:2950], range(0, 100, 2), axis=0), fresh])
+    assert exact_recall(index, vectors(300, seed=8), kept, drop_self=False) >= 0.9  # tuned parameters
+    set_search_params(index.faiss, EXHAUSTIVE[index.kind])  # every row is where its id says
+    _, rows = index.search(kept, 1)
+    assert (rows[:, 0] == np.arange(len(kept))).all()
+    return base, result, index
+
+
+def test_extend_flat_in_place(tmp_path, corpus):
+    _, result, index = _extend_and_check(tmp_path, corpus, "flat")
+    assert result.meta["kind"] == "flat" and result.meta["recall_at_10"] == 1.0
+
+
+def test_extend_ivfpq_keeps_its_quantizer(tmp_path, corpus):
+    base, result, index = _extend_and_check(tmp_path, corpus, "ivfpq", max_memory="1MB")
+    assert result.meta["factory"] == base.meta["factory"]
+    assert result.meta["search_params"] == base.meta["search_params"]
+    assert result.meta["recall_version"] == base.version  # measured by the build, not re-measured
+    assert fs.read_bytes(fs.join(result.path, "trained.faiss")) == fs.read_bytes(fs.join(base.path, "trained.faiss"))
+
+
+def test_extend_hnsw_rebuilds(tmp_path, corpus):
+    _, result, _ = _extend_and_check(tmp_path, corpus, "hnsw")
+    assert result.meta["kind"] == "hnsw" and result.meta["recall_version"] == result.version
+
+
+def test_extend_changes_kind_when_the_budget_says_so(tmp_path, corpus):
+    root = str(tmp_path / "idx")
+    build_index(write_store(str(tmp_path / "base"), corpus[:3000]), root)
+    assert load_index(root).kind == "flat"
+    # 3000 x 32 floats are 375 KB: under a 300 KB budget only ivfpq fits; flat gives its vectors back
+    result = extend_index(root, add=write_store(str(tmp_path / "add"), corpus[3000:3100], first=3000),
+                          max_memory="300KB", queries=300)
+    assert result.meta["kind"] == "ivfpq" and load_index(root).count == 3100
+    with pytest.raises(IndexBuildError, match="pass full_store="):  # ivfpq cannot give them back
+        extend_index(root, remove=["item1"], kind="flat", max_memory="4GB")
+
+
+def test_extend_refuses_another_model_and_skips_no_change(tmp_path, corpus):
+    root = str(tmp_path / "idx")
+    built = build_index(write_store(str(tmp_path / "base"), corpus[:100]), root)
+    other = write_store(str(tmp_path / "other"), corpus[:5], fingerprint="model-b")
+    with pytest.raises(IndexBuildError, match="embedded by model model-b, the index by model-a"):
+        extend_index(root, add=other)
+    unchanged = extend_index(root, remove=["no-such-item"])
+    assert not unchanged.published and unchanged.version == built.version == current_version(root)
+    assert list_versions(root) == [built.version]
