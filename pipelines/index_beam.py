@@ -1,0 +1,223 @@
+"""The ivfpq build as Beam pipelines, for corpora past one machine's memory.
+
+The driver never holds the corpus: it reads the shards' small columns (id, uri, captions) to
+write rows.parquet and learn each shard's row count, so every shard gets its global row offset
+(counts in shard order, as koclip.store lists them). Then:
+
+  1. sample (Beam, one element per shard): each worker reads its shard and saves the vectors of
+     the rows koclip.index_faiss picked for training and for the tuning queries (the same seeded
+     rows build_index picks), to _work/sample-NNNNN.npz;
+  2. train (driver): OPQ, the coarse quantizer and the PQ codebooks on that sample -> the trained,
+     empty index, saved as trained.faiss in the version folder (unless `trained=` was given);
+  3. add (Beam, one element per shard): each worker loads trained.faiss once, adds its shard's
+     vectors under their global row ids (add_with_ids) and writes _work/part-NNNNN.faiss; it also
+     writes its shard's exact top-11 for the tuning queries (_work/truth-NNNNN.npz);
+  4. merge (driver): faiss.contrib.ondisk.merge_ondisk concatenates the parts' inverted lists, in
+     shard order, into one on-disk file (index.ivfdata) through memory-mapped reads, so neither
+     the parts nor the result need to fit in memory; the Refine(SQ8) codes, when the budget chose
+     them, are concatenated in memory (IndexFlatCodes.merge_from; they are in memory when served
+     anyway). Per list, rows stay in increasing order, exactly as a single-process build adds
+     them, so both builds give identical results;
+  5. tune nprobe (and k_factor) on the merged index against the merged exact neighbours, write
+     meta.json (layout "ondisk"), delete _work and publish CURRENT.
+
+Workers read and write through fsspec, so the version folder may be on gs:// (merging needs local
+files: the parts are copied to a local temporary folder and the result uploaded).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+
+import apache_beam as beam
+import faiss
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from koclip import fs
+from koclip.index import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, BuildResult,
+                          IndexBuildError, ROWS_SCHEMA, choose_index, make_meta, new_version,
+                          parse_memory, plan_of, publish, query_rows, read_index_file, read_shard, remove_tree,
+                          train, train_rows, tune)
+from koclip.index_faiss import _ivf_part, add_vectors
+from koclip.index_folder import write_meta
+from koclip.store import Store, open_store
+
+log = logging.getLogger("pipelines.index")
+LOCAL_RUNNER = ["--runner=FnApiRunner", "--direct_running_mode=multi_threading",
+                f"--direct_num_workers={max(1, os.cpu_count() or 1)}"]
+
+
+def _save_npz(path: str, **arrays) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    fs.write_bytes(path, buffer.getvalue())
+
+
+def _load_npz(path: str) -> dict:
+    with np.load(io.BytesIO(fs.read_bytes(path))) as data:
+        return {k: data[k] for k in data.files}
+
+
+def write_rows(store: Store, column: str, path: str) -> list[int]:
+    """Stream rows.parquet shard by shard (never the whole table); returns each shard's row count."""
+    counts = []
+    filesystem, fs_path = fsspec.core.url_to_fs(path)
+    filesystem.makedirs(filesystem._parent(fs_path), exist_ok=True)
+    with fsspec.open(path, "wb") as f, pq.ParquetWriter(f, ROWS_SCHEMA, compression="zstd") as writer:
+        for shard in store.shards:
+            rows = read_shard(shard.path, column, vectors=False)[0]
+            writer.write_table(rows)
+            counts.append(len(rows))
+    return counts
+
+
+class SampleShard(beam.DoFn):
+    """(shard_no, path, start, count) -> saves the shard's picked rows' vectors."""
+
+    def __init__(self, column: str, work: str):
+        self.column, self.work = column, work
+
+    def setup(self):
+        self.picked = _load_npz(fs.join(self.work, "picked.npz"))["rows"]
+
+    def process(self, element):
+        number, path, start, count = element
+        rows = self.picked[(self.picked >= start) & (self.picked < start + count)]
+        if len(rows):
+            vectors = read_shard(path, self.column)[1][rows - start]
+            _save_npz(fs.join(self.work, f"sample-{number:05d}.npz"), rows=rows, vectors=vectors)
+        yield number
+
+
+class AddShard(beam.DoFn):
+    """(shard_no, path, start, count) -> part-NNNNN.faiss (the shard in the trained index) and
+    truth-NNNNN.npz (the shard's exact nearest rows for the tuning queries)."""
+
+    def __init__(self, column: str, work: str, trained: str):
+        self.column, self.work, self.trained = column, work, trained
+        self.added = beam.metrics.Metrics.counter("index", "vectors_added")
+
+    def setup(self):
+        self.index = read_index_file(self.trained)
+        self.queries = _load_npz(fs.join(self.work, "queries.npz"))["vectors"]
+
+    def process(self, element):
+        number, path, start, count = element
+        vectors = read_shard(path, self.column)[1]
+        part = faiss.deserialize_index(faiss.serialize_index(self.index))
+        add_vectors(part, vectors, start)
+        fs.write_bytes(fs.join(self.work, f"part-{number:05d}.faiss"), faiss.serialize_index(part).tobytes())
+        k = min(len(vectors), RECALL_K + 1)
+        scores, rows = (faiss.knn(self.queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT) if k else
+                        (np.zeros((len(self.queries), 0), np.float32), np.zeros((len(self.queries), 0), np.int64)))
+        _save_npz(fs.join(self.work, f"truth-{number:05d}.npz"), scores=scores, rows=np.where(rows >= 0, rows + start, -1))
+        self.added.inc(len(vectors))
+        yield number
+
+
+def run(elements: list, dofn: beam.DoFn, pipeline_args: list[str], label: str) -> None:
+    options = PipelineOptions(pipeline_args if any(a.startswith("--runner") for a in pipeline_args)
+                              else LOCAL_RUNNER + list(pipeline_args))
+    with beam.Pipeline(options=options) as p:
+        _ = p | f"{label}Shards" >> beam.Create(elements, reshuffle=False) | label >> beam.ParDo(dofn)
+
+
+def merge(trained: faiss.Index, work: str, numbers: list[int], local: str) -> faiss.Index:
+    """The trained index holding every part's rows, its inverted lists in local/index.ivfdata."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    parts = [fs.join(work, f"part-{number:05d}.faiss") for number in numbers]
+    if "://" in work:  # merge_ondisk memory-maps local files
+        for i, remote in enumerate(parts):
+            parts[i] = os.path.join(local, os.path.basename(remote))
+            filesystem, path = fsspec.core.url_to_fs(remote)
+            filesystem.get(path, parts[i])
+    index = faiss.deserialize_index(faiss.serialize_index(trained))
+    base = _ivf_part(index)
+    merge_ondisk(base, parts, os.path.join(local, "index.ivfdata"))
+    if isinstance(index, faiss.IndexRefine):
+        refine = faiss.downcast_index(index.refine_index)
+        for path in parts:
+            part = faiss.read_index(path, faiss.IO_FLAG_MMAP)  # read_index downcasts; keep the owner alive
+            refine.merge_from(faiss.downcast_index(part.refine_index), 0)
+        index.ntotal = base.ntotal
+    return index
+
+
+def build_distributed(embeddings: str | Store, out: str, *, column: str = "image_embedding",
+                      max_memory: str | int = DEFAULT_MAX_MEMORY, target_recall: float = DEFAULT_TARGET_RECALL,
+                      queries: int = DEFAULT_QUERIES, keep: int = 3, seed: int = 0,
+                      trained: str | faiss.Index | None = None, pipeline_args: list[str] = (),
+                      before_publish: Callable[[str], None] | None = None) -> BuildResult:
+    """build_index(kind="ivfpq") with the per-shard work on Beam workers (module docstring)."""
+    started, out = time.perf_counter(), os.fspath(out)
+    if keep < 1:
+        raise IndexBuildError(f"keep must be at least 1, got {keep}")
+    store = embeddings if isinstance(embeddings, Store) else open_store(os.fspath(embeddings))
+    budget = parse_memory(max_memory)
+    version = new_version(out)
+    folder = fs.join(out, "versions", version)
+    work = fs.join(folder, "_work")
+    remote_out = "://" in out  # then merge in a local temporary folder and upload the result
+    local = tempfile.mkdtemp(prefix="koclip-merge-") if remote_out else folder
+    try:
+        counts = write_rows(store, column, fs.join(folder, "rows.parquet"))
+        n = sum(counts)
+        if not n:
+            raise IndexBuildError(f"{store.root} holds no {column} vectors to index")
+        trained = read_index_file(trained) if trained is not None else None
+        plan = plan_of(trained, n, budget) if trained is not None else choose_index(n, store.dim, budget, "ivfpq")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        elements = [(i, s.path, start, c) for i, (s, start, c) in enumerate(zip(store.shards, starts, counts))]
+        qrows = query_rows(n, queries, seed)
+        picked = qrows if trained is not None else np.union1d(qrows, train_rows(plan, seed))
+        _save_npz(fs.join(work, "picked.npz"), rows=picked)
+        run(elements, SampleShard(column, work), list(pipeline_args), "Sample")
+        samples = [_load_npz(fs.join(work, f"sample-{i:05d}.npz")) for i, *_ in elements
+                   if fs.exists(fs.join(work, f"sample-{i:05d}.npz"))]
+        rows = np.concatenate([s["rows"] for s in samples])
+        vectors = np.concatenate([s["vectors"] for s in samples])
+        lookup = dict(zip(rows.tolist(), range(len(rows))))
+        q = vectors[[lookup[r] for r in qrows.tolist()]]
+        if trained is None:
+            trained = train(plan, vectors[[lookup[r] for r in train_rows(plan, seed).tolist()]])
+        fs.write_bytes(fs.join(folder, "trained.faiss"), faiss.serialize_index(trained).tobytes())
+        _save_npz(fs.join(work, "queries.npz"), vectors=q)
+        run(elements, AddShard(column, work, fs.join(folder, "trained.faiss")), list(pipeline_args), "Add")
+        index = merge(trained, work, [e[0] for e in elements], local)
+        heap = faiss.ResultHeap(len(q), RECALL_K + 1, keep_max=True)
+        for number, *_ in elements:
+            truth = _load_npz(fs.join(work, f"truth-{number:05d}.npz"))
+            heap.add_result(np.ascontiguousarray(truth["scores"]), np.ascontiguousarray(truth["rows"]))
+        heap.finalize()
+        tuning = tune(index, q, qrows, heap.I, target_recall)
+        faiss.write_index(index, os.path.join(local, "index.faiss"))
+        index_bytes = sum(os.path.getsize(os.path.join(local, f)) for f in ("index.faiss", "index.ivfdata"))
+        if remote_out:
+            filesystem, remote = fsspec.core.url_to_fs(folder)
+            for name in ("index.faiss", "index.ivfdata"):
+                filesystem.put(os.path.join(local, name), f"{remote.rstrip('/')}/{name}")
+        remove_tree(work)
+        meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=store.root, column=column, count=n,
+                         dim=store.dim, fingerprint=store.fingerprint, model_config=store.config,
+                         target_recall=target_recall, max_memory=budget, build_seconds=time.perf_counter() - started,
+                         index_bytes=index_bytes, layout="ondisk", kind_requested="ivfpq", shards=len(elements))
+        write_meta(folder, meta)
+        if before_publish is not None:
+            before_publish(folder)
+        deleted = publish(out, version, keep)
+    except BaseException:
+        remove_tree(folder)
+        raise
+    finally:
+        if remote_out:
+            shutil.rmtree(local, ignore_errors=True)
+    return BuildResult(out, version, meta, True, tuple(deleted))
