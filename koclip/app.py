@@ -58,8 +58,9 @@ def find_problem(index: str, model: str) -> str | None:
     if not fs.is_dir(model) or not fs.exists(fs.join(model, "config.json")):
         return (f"no model at {model} (a checkpoint folder with config.json); "
                 "train one with `python -m jobs.train` or pass --model DIR")
-    if not fs.is_dir(index) or not fs.exists(fs.join(index, "CURRENT")):
-        return (f"no index at {index} (a folder with a CURRENT file); "
+    is_index = fs.exists(fs.join(index, "CURRENT")) or fs.exists(fs.join(index, "meta.json"))
+    if not fs.is_dir(index) or not is_index:
+        return (f"no index at {index} (an index root with CURRENT, or a version folder with meta.json); "
                 "build one with `python -m pipelines.index` or pass --index DIR")
     return None
 

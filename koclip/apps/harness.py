@@ -148,14 +148,17 @@ class Tour:
         return panel
 
     def screenshot(self, path: str | os.PathLike, max_height: int = 4000) -> None:
-        """A PNG of the whole page. Streamlit scrolls inside its main container, not the document,
-        so the viewport is first made as tall as that container's content, once its images are in."""
+        """A PNG of the page down to the end of the selected tab. Streamlit scrolls inside its main
+        container, not the document, so the viewport is first made that tall (images loaded first)."""
         self.page.wait_for_function("() => [...document.images].every(img => img.complete)")
-        height = self.page.evaluate(
-            "() => { const main = document.querySelector('[data-testid=\"stMain\"]');"
-            " return main ? main.scrollHeight : document.body.scrollHeight; }")
+        bottom = self.page.evaluate("""() => {
+            const main = document.querySelector('[data-testid="stMain"]');
+            const panel = [...document.querySelectorAll('[role="tabpanel"]')].find(p => p.offsetParent !== null);
+            const last = panel || main || document.body;
+            return last.getBoundingClientRect().bottom + (main ? main.scrollTop : 0);
+        }""")
         width = self.page.viewport_size["width"]
-        self.page.set_viewport_size({"width": width, "height": max(600, min(int(height), max_height))})
+        self.page.set_viewport_size({"width": width, "height": max(600, min(int(bottom) + 64, max_height))})
         self.page.screenshot(path=str(path))
 
     def upload(self, panel, path: str | os.PathLike) -> None:
@@ -173,14 +176,25 @@ class Tour:
             shown.filter(has_text=Path(image).name).first.wait_for(timeout=RESULT_TIMEOUT_MS)
             return
         panel.get_by_text("From the index", exact=True).click()
-        if pick:
-            box = panel.get_by_role("combobox")
-            box.click()
-            box.fill(pick)
-            self.page.get_by_role("option", name=pick).first.click()
-        shown.first.wait_for(timeout=RESULT_TIMEOUT_MS)
-        if pick:
+        if pick and self.pick(panel, pick):
             shown.filter(has_text=pick).first.wait_for(timeout=RESULT_TIMEOUT_MS)
+        shown.first.wait_for(timeout=RESULT_TIMEOUT_MS)
+
+    def pick(self, panel, text: str, timeout_ms: int = 5_000) -> bool:
+        """Select the first index item whose label contains `text`; False (selection kept) if none does."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        box = panel.get_by_role("combobox")
+        box.click()
+        box.fill(text)
+        option = self.page.get_by_role("option", name=text).first
+        try:
+            option.wait_for(timeout=timeout_ms)
+        except PlaywrightTimeout:
+            box.press("Escape")
+            return False
+        option.click()
+        return True
 
     def classify(self, image: str | os.PathLike | None, labels: list[str], template: str | None = None,
                  pick: str | None = None):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -326,6 +327,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def home_relative(path: str) -> str:
+    """A local path under the home folder as ~/...; anything else as it is."""
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if "://" not in path and path.startswith(home + os.sep) else path
+
+
 def main(argv: list[str]) -> None:
     st.set_page_config(page_title="KoCLIP demo", page_icon="🔎", layout="wide")
     args = parse_args(argv)
@@ -343,8 +350,8 @@ def main(argv: list[str]) -> None:
     st.title("KoCLIP demo")
     with st.sidebar:
         st.subheader("Serving")
-        st.markdown(f"**Index** `{version}`  \n{len(index):,} items")
-        st.markdown(f"**Model** `{args.model}`  \nfingerprint `{model.fingerprint}`")
+        st.markdown(f"**Index** `{home_relative(version)}`  \n{len(index):,} items")
+        st.markdown(f"**Model** `{home_relative(args.model)}`  \nfingerprint `{model.fingerprint}`")
 
     text_tab, image_tab, patch_tab = st.tabs(TABS)
     with text_tab:
