@@ -158,10 +158,13 @@ def load_index(path=None):
     if not fs.exists(path):
         raise QueryError(f"no index at {path}; build one with `python -m pipelines.index` (or pass --index DIR)")
     key = path if "://" in path else os.path.abspath(path)
-    version = faiss_index.resolve_version(path)
-    if key not in _INDEXES or _INDEXES[key][0] != version:
-        _INDEXES[key] = (version, faiss_index.load_index(version))
-        _LOADS["index"] += 1
+    try:
+        version = faiss_index.resolve_version(path)
+        if key not in _INDEXES or _INDEXES[key][0] != version:
+            _INDEXES[key] = (version, faiss_index.load_index(version))
+            _LOADS["index"] += 1
+    except faiss_index.INDEX_ERROR as e:  # not an index, or an inconsistent one
+        raise QueryError(str(e)) from e
     return _INDEXES[key][1]
 
 

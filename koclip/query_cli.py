@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from dataclasses import asdict
 
 from koclip.query import (DEFAULT_TEMPLATE, Hit, QueryError, QueryImageError, classify, rank_patches,
@@ -15,22 +16,37 @@ from koclip.query import (DEFAULT_TEMPLATE, Hit, QueryError, QueryImageError, cl
 from koclip.query import __doc__ as QUERY_DOC
 
 def _read_image(path: str) -> bytes:
-    """A query image named on the command line (local path or any fsspec URL), as bytes."""
+    """The bytes of a query image named on the command line (local path or any fsspec URL),
+    checked to decode, so that a bad one is reported by the name it was given."""
     from koclip import fs
+    from koclip.processing import ImageDecodeError, open_image
 
     try:
-        return fs.read_bytes(path)
+        data = fs.read_bytes(path)
+        open_image(data)
     except FileNotFoundError:
         raise QueryImageError("not_found", "no such file", path) from None
+    except ImageDecodeError as e:
+        raise QueryImageError(e.reason, e.message, path) from None
+    return data
+
+
+def _width(text: str) -> int:
+    """Terminal columns: East Asian wide and full-width characters (Hangul) take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _left(text: str, width: int) -> str:
+    return text + " " * max(0, width - _width(text))
 
 
 def _hits_table(hits: list[Hit]) -> str:
     if not hits:
         return "(no hits: the index is empty)"
-    id_width = max(len("id"), *(len(h.id) for h in hits))
-    uri_width = max(len("uri"), *(len(h.uri) for h in hits))
-    lines = [f"{'rank':>4}  {'score':>7}  {'id':<{id_width}}  {'uri':<{uri_width}}  captions"]
-    lines += [f"{h.rank:>4}  {h.score:7.4f}  {h.id:<{id_width}}  {h.uri:<{uri_width}}  {' / '.join(h.captions)}"
+    id_width = max(_width("id"), *(_width(h.id) for h in hits))
+    uri_width = max(_width("uri"), *(_width(h.uri) for h in hits))
+    lines = [f"{'rank':>4}  {'score':>7}  {_left('id', id_width)}  {_left('uri', uri_width)}  captions"]
+    lines += [f"{h.rank:>4}  {h.score:7.4f}  {_left(h.id, id_width)}  {_left(h.uri, uri_width)}  {' / '.join(h.captions)}"
               for h in hits]
     return "\n".join(lines)
 
@@ -61,10 +77,10 @@ def _run_classify(args) -> None:
     if args.json:
         _print_json({"image": args.classify, "template": args.template, "probabilities": dict(ranked)})
         return
-    width = max(len("label"), *(len(label) for label, _ in ranked))
-    print(f"{'label':<{width}}  probability")
+    width = max(_width("label"), *(_width(label) for label, _ in ranked))
+    print(f"{_left('label', width)}  probability")
     for label, prob in ranked:
-        print(f"{label:<{width}}  {prob:11.4f}")
+        print(f"{_left(label, width)}  {prob:11.4f}")
 
 
 def _run_patches(args) -> None:
@@ -112,7 +128,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from koclip.checkpoint import CheckpointError
     from koclip.config import ConfigError
-    from koclip.index import INDEX_ERROR
 
     try:
         if args.classify and args.patches:
@@ -121,7 +136,7 @@ def main(argv=None) -> int:
             raise QueryError("--classify and --patches take no search queries (TEXT or --image)")
         run = _run_classify if args.classify else _run_patches if args.patches else _run_search
         run(args)
-    except (QueryError, FileNotFoundError, CheckpointError, ConfigError, INDEX_ERROR) as e:
+    except (QueryError, FileNotFoundError, CheckpointError, ConfigError) as e:
         print(f"query: error: {e}", file=sys.stderr)
         return 2
     return 0
