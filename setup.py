@@ -22,7 +22,7 @@ PIPELINE = ["apache-beam>=2.77", "pyarrow>=18", "faiss-cpu>=1.12"]
 DEMO = ["konlpy>=0.6"]
 # `build` makes the sdist that --setup_file stages for Dataflow workers.
 GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77", "build>=1.2"]
-APP = ["streamlit>=1.40"]
+APP = ["streamlit>=1.50"]
 DEV = [
     "pytest>=8",
     # CPU build from the local wheel; an unpinned torch pulls a multi-GB CUDA build.
