@@ -8,12 +8,13 @@
 
 The three layers: koclip.index_faiss (which index, training, tuning recall; no files),
 koclip.index_folder (the version folders, CURRENT, meta.json, loading) and this module, which
-reads a koclip.store and puts the two together. Row r of an index is row r of its rows.parquet;
-rows follow the store's shard order (a caption index has one row per caption, id "item#k").
+reads a koclip.store and puts the two together. Row r of an index is row r of its rows.parquet:
+the store's rows in shard order, except the tuning query rows, which are held out while tuning and
+come last (koclip.index_faiss). A caption index has one row per caption, id "item#k".
 
-build_index reads the store twice at most: flat and hnsw hold every vector anyway, so they load
-them all; ivfpq streams: one pass gathers the training sample and the tuning queries, a second
-adds each shard and finds the queries' exact neighbours on the way.
+build_index reads the store's vectors twice at most: flat and hnsw hold every vector anyway, so
+they load them all; ivfpq streams: one pass gathers the training sample and the tuning queries, a
+second adds each shard and finds the queries' exact neighbours on the way.
 
 Extending (extend_index): the CURRENT version plus the rows of `add` (a store of the same model)
 minus the items in `remove` (item ids; a caption index drops all of an item's captions). An added
@@ -42,17 +43,17 @@ import pyarrow.parquet as pq
 
 from koclip import fs
 from koclip.index_faiss import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, KINDS, RECALL_K,
-                                IndexBuildError, KoclipIndexError, Plan, Tuning, add_vectors, build_from_vectors, choose_index,
-                                copy_index, estimate_memory, exact_neighbours, in_memory, parse_memory, plan_of,
-                                query_rows, remove_rows, train, train_rows, tune)
+                                IndexBuildError, KoclipIndexError, Plan, Tuning, add_truth, add_vectors,
+                                build_and_tune, choose_index, copy_index, estimate_memory, holdout_order, in_memory,
+                                parse_memory, plan_of, query_rows, remove_rows, train, train_rows, tune)
 from koclip.index_folder import (ROWS_SCHEMA, Index, IndexFolderError, current_version, list_versions,
                                  load_index, make_meta, new_version, publish, read_index_file, remove_tree,
                                  resolve, write_version)
 from koclip.store import Store, StoreError, open_store
 
-__all__ = ["BuildResult", "INDEX_ERROR", "Index", "IndexBuildError", "IndexFolderError", "KINDS", "Plan", "build_index",
-           "choose_index", "current_version", "estimate_memory", "extend_index", "list_versions", "load_index",
-           "parse_memory", "publish", "resolve_version"]
+__all__ = ["BuildResult", "INDEX_ERROR", "Index", "IndexBuildError", "IndexFolderError", "KINDS", "Plan",
+           "build_index", "choose_index", "current_version", "estimate_memory", "extend_index", "list_versions",
+           "load_index", "parse_memory", "publish", "resolve_version"]
 
 log = logging.getLogger(__name__)
 INDEX_ERROR = KoclipIndexError  # the base of IndexBuildError and IndexFolderError
@@ -124,23 +125,21 @@ def gather(store: Store, column: str, counts: list[int], rows: np.ndarray) -> np
     return out
 
 
-def add_store(index: faiss.Index, store: Store, column: str, counts: list[int],
+def add_store(index: faiss.Index, store: Store, column: str, counts: list[int], held_out: np.ndarray,
               queries: np.ndarray) -> np.ndarray:
-    """Add every shard's vectors in order (rows 0..N-1) and return the queries' exact top RECALL_K+1."""
-    heap = faiss.ResultHeap(len(queries), RECALL_K + 1, keep_max=True)
-    start = 0
+    """Add every shard's rows except the held-out ones, in order, as rows 0..; returns the queries'
+    exact top RECALL_K among them (koclip.index_faiss.build_and_tune, streaming)."""
+    heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True)
+    start = added = 0
     for shard, count in zip(store.shards, counts):
         vectors = read_shard(shard.path, column)[1]
-        add_vectors(index, vectors, start)
-        if count:
-            scores, rows = faiss.knn(queries, vectors, min(count, RECALL_K + 1), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(scores, np.where(rows >= 0, rows + start, -1))
-        start += count
+        keep = ~np.isin(np.arange(start, start + count), held_out)
+        add_vectors(index, vectors[keep], added)
+        add_truth(heap, queries, np.ascontiguousarray(vectors[keep]), added)
+        start, added = start + count, added + int(keep.sum())
         log.info("added %s: %d/%d rows", os.path.basename(shard.path), start, sum(counts))
     heap.finalize()
     return heap.I
-
-
 
 
 # ---------------------------------------------------------------- building
@@ -161,21 +160,20 @@ class BuildResult:
 
 def _build_from_store(plan: Plan, store: Store, column: str, counts: list[int], queries: int, seed: int,
                       target_recall: float, trained: faiss.Index | None):
-    qrows = query_rows(plan.n, queries, seed)
+    """(index, trained, tuning, order); order[r] is the store row of index row r."""
+    held_out = query_rows(plan.n, queries, seed)
     if plan.kind != "ivfpq":  # these hold every vector anyway
-        vectors = read_vectors(store, column, counts)
-        index, trained = build_from_vectors(plan, vectors, seed)
-        q = vectors[qrows]
-        truth = exact_neighbours(q, vectors)
-        del vectors
-    else:  # streaming: one pass for the samples, one to add (and find the exact neighbours)
-        picked = qrows if trained is not None else np.concatenate([qrows, train_rows(plan, seed)])
-        sample = gather(store, column, counts, picked)
-        q = sample[:len(qrows)]
-        trained = trained if trained is not None else train(plan, sample[len(qrows):])
-        index = copy_index(trained)
-        truth = add_store(index, store, column, counts, q)
-    return index, trained, tune(index, q, qrows, truth, target_recall)
+        return build_and_tune(plan, read_vectors(store, column, counts), held_out, target_recall, seed)
+    # streaming: one pass for the samples, one to add (finding the queries' exact neighbours on the way)
+    picked = held_out if trained is not None else np.concatenate([held_out, train_rows(plan, seed)])
+    sample = gather(store, column, counts, picked)
+    q = sample[:len(held_out)]
+    trained = trained if trained is not None else train(plan, sample[len(held_out):])
+    index = copy_index(trained)
+    truth = add_store(index, store, column, counts, held_out, q)
+    tuning = tune(index, q, truth, target_recall)
+    add_vectors(index, q, plan.n - len(held_out))
+    return index, trained, tuning, holdout_order(plan.n, held_out)
 
 
 def _open(embeddings: str | os.PathLike | Store) -> Store:
@@ -189,7 +187,8 @@ def build_index(embeddings: str | os.PathLike | Store, out: str | os.PathLike, *
                 before_publish: Callable[[str], None] | None = None) -> BuildResult:
     """Index a store's `column`, write a new version under `out` and publish it (module docstring).
 
-    `trained`: a trained empty ivfpq index (or a trained.faiss path) to use instead of training.
+    `trained`: a trained empty ivfpq index (or a trained.faiss path) to use instead of training
+    (the kind is then ivfpq, whatever `kind` says).
     """
     started, out = time.perf_counter(), os.fspath(out)
     if keep < 1:
@@ -204,7 +203,9 @@ def build_index(embeddings: str | os.PathLike | Store, out: str | os.PathLike, *
                                                                                          budget, kind)
     log.info("indexing %d rows of %s as %s (%s)", plan.n, column, plan.factory, plan.reason)
     version = new_version(out)
-    index, trained, tuning = _build_from_store(plan, store, column, counts, queries, seed, target_recall, trained)
+    index, trained, tuning, order = _build_from_store(plan, store, column, counts, queries, seed, target_recall,
+                                                      trained)
+    rows = rows.take(pa.array(order))
     meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=store.root, column=column, count=plan.n,
                      dim=store.dim, fingerprint=store.fingerprint, model_config=store.config,
                      target_recall=target_recall, max_memory=budget,
@@ -224,9 +225,18 @@ def write_and_publish(root: str, version: str, index: faiss.Index, rows: pa.Tabl
             before_publish(folder)
         deleted = publish(root, version, keep)
     except BaseException:
-        remove_tree(folder)
+        discard(root, version)
         raise
     return BuildResult(root, version, meta, True, tuple(deleted))
+
+
+def discard(root: str, version: str) -> None:
+    """Remove a failed build's folder, unless CURRENT already names it (a failure while pruning)."""
+    try:
+        if current_version(root) != version:
+            remove_tree(fs.join(root, "versions", version))
+    except Exception as e:  # the original error matters more; the next publish prunes leftovers
+        log.warning("could not remove %s/versions/%s: %s", root, version, e)
 
 
 # ---------------------------------------------------------------- extending
@@ -287,14 +297,16 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
                                   "index cannot give its vectors back: pass full_store= (every current item)")
         return build_index(full_store, root, column=column, kind=kind, max_memory=budget, target_recall=target,
                            queries=queries, keep=keep, seed=seed, before_publish=before_publish)
-    index, trained, tuning = prev.faiss, None, None
-    if _needs_rebuild(old_plan, plan):  # from the vectors flat and hnsw keep
+    index, trained = prev.faiss, None
+    if _needs_rebuild(old_plan, plan):  # from the vectors flat and hnsw keep, queries held out again
         vectors = np.concatenate([index.reconstruct_n(0, prev.count)[~removed], new_vectors])
-        index, trained = build_from_vectors(plan, vectors, seed)
+        index, trained, tuning, order = build_and_tune(plan, vectors, query_rows(len(rows), queries, seed),
+                                                       target, seed)
+        rows = rows.take(pa.array(order))
     elif plan.kind == "flat":
         remove_rows(index, removed)
         add_vectors(index, new_vectors, kept)
-        vectors = index.reconstruct_n(0, len(rows))
+        tuning = Tuning({}, 1.0, True, 0)  # exact search: nothing to tune or measure
     else:  # ivfpq in place, with its trained quantizer
         plan = plan_of(index, len(rows), budget)
         index = in_memory(index)
@@ -303,9 +315,6 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
         trained = read_index_file(fs.join(prev.path, "trained.faiss"))
         tuning = Tuning(meta["search_params"], meta["recall_at_10"], meta["target_reached"], meta["recall_queries"])
         common["recall_version"] = meta["recall_version"]
-    if tuning is None:  # flat or hnsw, or a rebuild: every vector is at hand
-        qrows = query_rows(len(rows), queries, seed)
-        tuning = tune(index, vectors[qrows], qrows, exact_neighbours(vectors[qrows], vectors), target)
     log.info("extend %s: -%d +%d rows -> %d (%s)", prev.version, int(removed.sum()), len(new_rows), len(rows),
              plan.factory)
     meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=meta["store_root"],

@@ -1,8 +1,8 @@
 """The FAISS side of koclip.index: choosing an index type, building, re-using, tuning.
 
 Choice (choose_index): every embedding is L2-normalised, so every index ranks by inner product.
-  flat   exact IndexFlatIP, when N <= FLAT_MAX_ROWS (50k: a query scans 50k x D floats, ~1-2 ms
-         at D=512) and N*D*4 bytes fit the budget;
+  flat   exact IndexFlatIP, when N <= FLAT_MAX_ROWS (50k; a query scans all N x D floats, see
+         bench/index.py for what that costs) and N*D*4 bytes fit the budget;
   hnsw   IndexHNSWFlat (M=32, efConstruction=64) when its estimated memory N*(4D + 8M + 16)
          (the vectors, 2M int32 links on level 0, ~1 link above, offsets) fits the budget;
   ivfpq  "OPQ{m},IVF{nlist},PQ{m}" through index_factory, nlist = 4*sqrt(N) (at most N/39, so
@@ -10,18 +10,22 @@ Choice (choose_index): every embedding is L2-normalised, so every index ranks by
          8-bit scalar-quantised copies ("Refine(SQ8)", D bytes more per vector) when those fit
          the budget, else m grows to the largest divisor of D (<= D/2) that fits, no re-ranking.
          Trained on a seeded sample of max(39*nlist, min(256*nlist, 100k)) rows; OPQ with 25
-         iterations on at most 32768 rows (faiss's 50 / 65536 take minutes longer at D=512).
+         iterations on at most 32768 rows (faiss's defaults: 50 on 65536, twice the time).
 The budget is the index's memory when served, not the build's.
 
-Tuning (tune): the queries are corpus rows; the ground truth is exact inner-product search over
-the whole corpus; recall@10 counts the true 10 nearest *other* rows (the query's own row is
-dropped from both lists) found among the index's 10. The smallest efSearch (hnsw) or nprobe
-(ivfpq; with re-ranking, then the smallest k_factor at that nprobe, then nprobe again) reaching
-the target is kept, found by doubling then bisection (recall is assumed to grow with the
-parameter). If the target is not reached, the largest setting tried is kept, Tuning.reached is
-False and a warning is logged.
+Tuning (build_and_tune): the tuning queries are `queries` seeded-random corpus rows, held out:
+the index is built from the other rows, tuned, and only then are the query rows added, as the
+last rows. Their ground truth is exact inner-product search over the indexed rows; recall@10 is
+the share of those 10 true neighbours the index returns among its 10. So the queries are vectors
+the index does not hold, like new items (a query that is itself in an HNSW graph leads the search
+straight to its neighbours, which overstates recall; bench/index.py measured both). The
+smallest efSearch (hnsw) or nprobe (ivfpq; with re-ranking, then the smallest k_factor at that
+nprobe, then nprobe again) reaching the target is kept, found by doubling then bisection (recall
+is assumed to grow with the parameter). If the target is not reached, the largest setting tried
+is kept, Tuning.reached is False and a warning is logged.
 
-Row numbers: every index holds rows 0..N-1 (faiss ids = row numbers), in store order.
+Row numbers: an index holds rows 0..N-1 (faiss ids = row numbers): the store's rows in order,
+without the tuning query rows, then the tuning query rows (holdout_order).
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
         n /= 1024
     return f"{n:.1f}TB"
+
 
 # ---------------------------------------------------------------- choosing
 
@@ -141,7 +146,7 @@ def choose_index(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMORY, k
             need = estimate_memory("ivfpq", n, dim, nlist=nlist, pq_m=1)
             raise IndexBuildError(f"a budget of {format_bytes(budget)} cannot hold {n} vectors even as 1-byte "
                                   f"PQ codes (~{format_bytes(need)}); raise max_memory")
-        m = max(m, max(fitting)) if m in fitting else max(fitting)
+        m = max(fitting)  # no re-ranking: the biggest codes that fit
     factory = f"OPQ{m},IVF{nlist},PQ{m}" + (",Refine(SQ8)" if refine else "")
     size = estimate_memory("ivfpq", n, dim, nlist=nlist, pq_m=m, refine=refine)
     return Plan("ivfpq", factory, n, dim, size, nlist=nlist, pq_m=m, refine=refine, reason=why)
@@ -158,9 +163,9 @@ def new_index(plan: Plan) -> faiss.Index:
     index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     base = _ivf_part(index)
     opq = faiss.downcast_VectorTransform(base.chain.at(0))
-    opq.niter, opq.max_train_points = 25, 32768  # 50 / 65536 by default: minutes longer at D=512
+    opq.niter, opq.max_train_points = 25, 32768  # faiss: 50 / 65536
     # index_factory turns on polysemous training (a code reordering for Hamming pre-filtering,
-    # which we never search with): 3/4 of the training time at D=32
+    # which we never search with); it is slower than the PQ training itself
     faiss.downcast_index(base.index).do_polysemous_training = False
     return index
 
@@ -204,19 +209,19 @@ def kind_of(index: faiss.Index) -> str:
 # ---------------------------------------------------------------- tuning
 
 
-def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int = RECALL_K + 1) -> np.ndarray:
+def exact_neighbours(queries: np.ndarray, vectors: np.ndarray, k: int = RECALL_K) -> np.ndarray:
+    """The rows of the k vectors with the largest inner product with each query (-1 past the end)."""
     return faiss.knn(np.ascontiguousarray(queries), np.ascontiguousarray(vectors), k,
                      metric=faiss.METRIC_INNER_PRODUCT)[1]
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray, query_rows: np.ndarray, k: int = RECALL_K) -> float:
-    """Mean share of each query's true k nearest other rows found among the index's first k other rows."""
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = RECALL_K) -> float:
+    """Mean share of each query's true k nearest rows found among the index's first k."""
     total = 0.0
-    for got, want, own in zip(found, truth, query_rows):
-        want = [r for r in want if r >= 0 and r != own][:k]
-        got = [r for r in got if r >= 0 and r != own][:k]
-        total += len(set(got) & set(want)) / len(want) if want else 1.0
-    return total / max(1, len(truth))
+    for got, want in zip(found, truth):
+        want = set(want[:k][want[:k] >= 0].tolist())
+        total += len(set(got[:k].tolist()) & want) / len(want) if want else 1.0
+    return total / len(truth) if len(truth) else 1.0
 
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
@@ -237,15 +242,16 @@ class Tuning:
     queries: int
 
 
-def tune(index: faiss.Index, queries: np.ndarray, query_rows: np.ndarray, truth: np.ndarray,
+def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
          target_recall: float = DEFAULT_TARGET_RECALL) -> Tuning:
-    """The cheapest search parameters reaching target_recall (module docstring); sets them on index."""
+    """The cheapest search parameters reaching target_recall (module docstring) for queries whose
+    exact top RECALL_K rows are `truth`; sets them on the index."""
     kind = kind_of(index)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
 
     def measure(params: dict) -> float:
         set_search_params(index, params)
-        return recall_at_k(index.search(queries, truth.shape[1])[1], truth, query_rows)
+        return recall_at_k(index.search(queries, RECALL_K)[1], truth)
 
     def smallest(name: str, lo: int, hi: int, fixed: dict) -> tuple[int, bool]:
         value = lo
@@ -301,26 +307,52 @@ def copy_index(index: faiss.Index) -> faiss.Index:
 
 
 def query_rows(n: int, queries: int, seed: int) -> np.ndarray:
-    """The seeded sample of rows used as tuning queries (the same for every build of N rows)."""
-    return np.sort(np.random.default_rng(seed).choice(n, min(n, queries), replace=False))
+    """The seeded sample of rows held out as tuning queries (the same for every build of N rows);
+    at most half the rows, so that a small index is mostly built before it is tuned."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(n // 2, queries), replace=False))
 
 
 def train_rows(plan: Plan, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed + 1).choice(plan.n, plan.train_rows, replace=False))
 
 
-def build_from_vectors(plan: Plan, vectors: np.ndarray, seed: int = 0, trained: faiss.Index | None = None,
-                       chunk: int = 65536) -> tuple[faiss.Index, faiss.Index | None]:
-    """(index, trained empty index or None) holding `vectors` as rows 0..N-1, untuned."""
+def holdout_order(n: int, held_out: np.ndarray) -> np.ndarray:
+    """Store rows in index order: every row but the held-out query rows, then those."""
+    rest = np.ones(n, bool)
+    rest[held_out] = False
+    return np.concatenate([np.flatnonzero(rest), np.asarray(held_out, dtype=np.int64)])
+
+
+def add_truth(heap: faiss.ResultHeap, queries: np.ndarray, vectors: np.ndarray, start: int) -> None:
+    """Offer rows start.. (`vectors`) to the queries' exact top-k heap (faiss.ResultHeap, max IP)."""
+    if len(vectors) and len(queries):
+        scores, rows = faiss.knn(queries, vectors, min(len(vectors), RECALL_K), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(rows >= 0, rows + start, -1))
+
+
+def build_and_tune(plan: Plan, vectors: np.ndarray, held_out: np.ndarray,
+                   target_recall: float = DEFAULT_TARGET_RECALL, seed: int = 0, trained: faiss.Index | None = None,
+                   chunk: int = 65536) -> tuple[faiss.Index, faiss.Index | None, Tuning, np.ndarray]:
+    """(index, trained or None, tuning, order): `vectors` indexed in holdout_order (order[r] is the
+    input row of index row r), tuned on the held-out query rows before they were added."""
+    order = holdout_order(len(vectors), held_out)
+    rest = len(vectors) - len(held_out)
+    queries = np.ascontiguousarray(vectors[held_out], dtype=np.float32)
     if plan.kind == "ivfpq":
         trained = trained if trained is not None else train(plan, vectors[train_rows(plan, seed)])
         index = copy_index(trained)
     else:
         index = new_index(plan)
-    for start in range(0, len(vectors), chunk):
-        add_vectors(index, vectors[start:start + chunk], start)
-        log.info("%s: added %d/%d rows", plan.kind, min(start + chunk, len(vectors)), len(vectors))
-    return index, trained
+    heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True)
+    for start in range(0, rest, chunk):  # in chunks: no second copy of the corpus
+        part = vectors[order[start:min(start + chunk, rest)]]
+        add_vectors(index, part, start)
+        add_truth(heap, queries, part, start)
+        log.info("%s: added %d/%d rows", plan.kind, start + len(part), len(vectors))
+    heap.finalize()
+    tuning = tune(index, queries, heap.I, target_recall)
+    add_vectors(index, queries, rest)
+    return index, trained, tuning, order
 
 
 def remove_rows(index: faiss.Index, removed: np.ndarray) -> None:

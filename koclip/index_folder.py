@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from koclip import fs
-from koclip.index_faiss import HNSW_EF_CONSTRUCTION, HNSW_M, IndexBuildError, KoclipIndexError, Plan, Tuning, set_search_params
+from koclip.index_faiss import (HNSW_EF_CONSTRUCTION, HNSW_M, IndexBuildError, KoclipIndexError, Plan, Tuning,
+                                set_search_params)
 
 log = logging.getLogger("koclip.index")
 
@@ -120,9 +121,9 @@ def write_meta(folder: str, meta: dict) -> None:
 def make_meta(*, version: str, plan: Plan, tuning: Tuning, store_root: str | None, column: str, count: int,
               dim: int, fingerprint: str, model_config: dict, target_recall: float, max_memory: int,
               build_seconds: float, index_bytes: int = 0, layout: str = "single", **extra) -> dict:
-    """meta.json: what the index is, how it was tuned and what it was built from."""
+    """meta.json: what the index is, how it was tuned and what it was built from (fields: docs/index.md)."""
     return {
-        "format": "koclip-index", "format_version": FORMAT_VERSION, "version": version,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "version": version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kind": plan.kind, "factory": plan.factory, "metric": "inner_product", "layout": layout,
         "search_params": tuning.params,
@@ -132,7 +133,7 @@ def make_meta(*, version: str, plan: Plan, tuning: Tuning, store_root: str | Non
         "count": count, "dim": dim, "column": column, "fingerprint": fingerprint, "model_config": model_config,
         "store_root": store_root,
         "recall_at_10": round(tuning.recall, 4), "recall_queries": tuning.queries,
-        "recall_queries_from": "corpus rows, own row excluded", "target_recall": target_recall,
+        "recall_queries_from": "corpus rows held out of the index while tuning", "target_recall": target_recall,
         "target_reached": tuning.reached, "recall_version": version,
         "max_memory": max_memory, "estimated_bytes": plan.estimated_bytes, "index_bytes": index_bytes,
         "choice": plan.reason, "build_seconds": round(build_seconds, 2), **extra,

@@ -79,7 +79,8 @@ def summary(result) -> str:
         f"  index      {m['kind']} ({m['factory']}; {m['choice']})",
         f"  rows       {m['count']} of {m['column']}, dim {m['dim']}, model {m['fingerprint']}",
         f"  search     {params}",
-        f"  recall@10  {m['recall_at_10']:.4f} on {m['recall_queries']} queries (target {m['target_recall']}: {reached})",
+        f"  recall@10  {m['recall_at_10']:.4f} on {m['recall_queries']} queries "
+        f"(target {m['target_recall']}: {reached})",
         f"  memory     {format_bytes(m['index_bytes'])} on disk (estimated {format_bytes(m['estimated_bytes'])}, "
         f"budget {format_bytes(m['max_memory'])})",
         f"  built in   {m['build_seconds']:.1f} s" + (f"; deleted {len(result.deleted)} old versions"

@@ -1,25 +1,30 @@
 """The ivfpq build as Beam pipelines, for corpora past one machine's memory.
 
-The driver never holds the corpus: it reads the shards' small columns (id, uri, captions) to
-write rows.parquet and learn each shard's row count, so every shard gets its global row offset
-(counts in shard order, as koclip.store lists them). Then:
+The driver never holds the corpus: it counts each shard's rows (the footers; a caption index reads
+the captions column) and streams rows.parquet from the shards' small columns (id, uri, captions),
+in index order: every row but the tuning queries, in shard order, then the tuning query rows
+(koclip.index_faiss.holdout_order). Each shard gets its global row offset and its offset in that
+order. Then:
 
   1. sample (Beam, one element per shard): each worker reads its shard and saves the vectors of
-     the rows koclip.index_faiss picked for training and for the tuning queries (the same seeded
-     rows build_index picks), to _work/sample-NNNNN.npz;
+     the rows picked for training and for the tuning queries (the same seeded rows build_index
+     picks), to _work/sample-NNNNN.npz;
   2. train (driver): OPQ, the coarse quantizer and the PQ codebooks on that sample -> the trained,
      empty index, saved as trained.faiss in the version folder (unless `trained=` was given);
   3. add (Beam, one element per shard): each worker loads trained.faiss once, adds its shard's
-     vectors under their global row ids (add_with_ids) and writes _work/part-NNNNN.faiss; it also
-     writes its shard's exact top-11 for the tuning queries (_work/truth-NNNNN.npz);
+     rows but the held-out queries under their index row ids (add_with_ids) and writes
+     _work/part-NNNNN.faiss, and the queries' exact top 10 among those rows (_work/truth-NNNNN.npz);
   4. merge (driver): faiss.contrib.ondisk.merge_ondisk concatenates the parts' inverted lists, in
      shard order, into one on-disk file (index.ivfdata) through memory-mapped reads, so neither
-     the parts nor the result need to fit in memory; the Refine(SQ8) codes, when the budget chose
-     them, are concatenated in memory (IndexFlatCodes.merge_from; they are in memory when served
-     anyway). Per list, rows stay in increasing order, exactly as a single-process build adds
-     them, so both builds give identical results;
-  5. tune nprobe (and k_factor) on the merged index against the merged exact neighbours, write
-     meta.json (layout "ondisk"), delete _work and publish CURRENT.
+     the parts nor the result need to fit in memory (faiss's in-memory merge_from would need the
+     whole index in RAM); the Refine(SQ8) codes, when the budget chose them, are concatenated in
+     memory (IndexFlatCodes.merge_from; they are in memory when served anyway). Per list, rows
+     stay in increasing order, as a single-process build adds them, so both builds give identical
+     results;
+  5. tune nprobe (and k_factor) on the merged index against the merged exact neighbours; merge
+     again with the held-out query rows as one more part, last (faiss's on-disk lists cannot grow
+     after a merge: the ids come out corrupt), write meta.json (layout "ondisk"), delete _work and
+     publish. The second merge reads the parts a second time.
 
 Workers read and write through fsspec, so the version folder may be on gs:// (merging needs local
 files: the parts are copied to a local temporary folder and the result uploaded).
@@ -38,15 +43,16 @@ import apache_beam as beam
 import faiss
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from koclip import fs
 from koclip.index import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, BuildResult,
-                          IndexBuildError, ROWS_SCHEMA, choose_index, make_meta, new_version,
+                          IndexBuildError, ROWS_SCHEMA, choose_index, discard, make_meta, new_version,
                           parse_memory, plan_of, publish, query_rows, read_index_file, read_shard, remove_tree,
                           train, train_rows, tune)
-from koclip.index_faiss import _ivf_part, add_vectors
+from koclip.index_faiss import _ivf_part, add_truth, add_vectors
 from koclip.index_folder import write_meta
 from koclip.store import Store, open_store
 
@@ -66,21 +72,31 @@ def _load_npz(path: str) -> dict:
         return {k: data[k] for k in data.files}
 
 
-def write_rows(store: Store, column: str, path: str) -> list[int]:
-    """Stream rows.parquet shard by shard (never the whole table); returns each shard's row count."""
-    counts = []
+def count_rows(store: Store, column: str) -> list[int]:
+    """Each shard's index rows: its items, or (caption index) its captions."""
+    if column == "image_embedding":
+        return [shard.rows for shard in store.shards]
+    return [len(read_shard(shard.path, column, vectors=False)[0]) for shard in store.shards]
+
+
+def write_rows(store: Store, column: str, path: str, counts: list[int], held_out: np.ndarray) -> None:
+    """Stream rows.parquet shard by shard in index order (the held-out query rows last), never
+    holding the whole table."""
     filesystem, fs_path = fsspec.core.url_to_fs(path)
     filesystem.makedirs(filesystem._parent(fs_path), exist_ok=True)
+    queries, start = [], 0
     with fsspec.open(path, "wb") as f, pq.ParquetWriter(f, ROWS_SCHEMA, compression="zstd") as writer:
-        for shard in store.shards:
+        for shard, count in zip(store.shards, counts):
             rows = read_shard(shard.path, column, vectors=False)[0]
-            writer.write_table(rows)
-            counts.append(len(rows))
-    return counts
+            held = np.isin(np.arange(start, start + count), held_out)
+            writer.write_table(rows.filter(pa.array(~held)))
+            queries.append(rows.filter(pa.array(held)))
+            start += count
+        writer.write_table(pa.concat_tables(queries))  # shard order = sorted held_out order
 
 
 class SampleShard(beam.DoFn):
-    """(shard_no, path, start, count) -> saves the shard's picked rows' vectors."""
+    """(shard_no, path, start, count, index_start) -> saves the shard's picked rows' vectors."""
 
     def __init__(self, column: str, work: str):
         self.column, self.work = column, work
@@ -89,7 +105,7 @@ class SampleShard(beam.DoFn):
         self.picked = _load_npz(fs.join(self.work, "picked.npz"))["rows"]
 
     def process(self, element):
-        number, path, start, count = element
+        number, path, start, count, _ = element
         rows = self.picked[(self.picked >= start) & (self.picked < start + count)]
         if len(rows):
             vectors = read_shard(path, self.column)[1][rows - start]
@@ -98,8 +114,9 @@ class SampleShard(beam.DoFn):
 
 
 class AddShard(beam.DoFn):
-    """(shard_no, path, start, count) -> part-NNNNN.faiss (the shard in the trained index) and
-    truth-NNNNN.npz (the shard's exact nearest rows for the tuning queries)."""
+    """(shard_no, path, start, count, index_start) -> part-NNNNN.faiss (the shard's rows, but the
+    held-out queries, in the trained index as rows index_start..) and truth-NNNNN.npz (their exact
+    nearest rows for the tuning queries)."""
 
     def __init__(self, column: str, work: str, trained: str):
         self.column, self.work, self.trained = column, work, trained
@@ -107,18 +124,20 @@ class AddShard(beam.DoFn):
 
     def setup(self):
         self.index = read_index_file(self.trained)
-        self.queries = _load_npz(fs.join(self.work, "queries.npz"))["vectors"]
+        queries = _load_npz(fs.join(self.work, "queries.npz"))
+        self.queries, self.held_out = queries["vectors"], queries["rows"]
 
     def process(self, element):
-        number, path, start, count = element
+        number, path, start, count, index_start = element
         vectors = read_shard(path, self.column)[1]
+        vectors = np.ascontiguousarray(vectors[~np.isin(np.arange(start, start + count), self.held_out)])
         part = faiss.deserialize_index(faiss.serialize_index(self.index))
-        add_vectors(part, vectors, start)
+        add_vectors(part, vectors, index_start)
         fs.write_bytes(fs.join(self.work, f"part-{number:05d}.faiss"), faiss.serialize_index(part).tobytes())
-        k = min(len(vectors), RECALL_K + 1)
-        scores, rows = (faiss.knn(self.queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT) if k else
-                        (np.zeros((len(self.queries), 0), np.float32), np.zeros((len(self.queries), 0), np.int64)))
-        _save_npz(fs.join(self.work, f"truth-{number:05d}.npz"), scores=scores, rows=np.where(rows >= 0, rows + start, -1))
+        heap = faiss.ResultHeap(len(self.queries), RECALL_K, keep_max=True)
+        add_truth(heap, self.queries, vectors, index_start)
+        heap.finalize()
+        _save_npz(fs.join(self.work, f"truth-{number:05d}.npz"), scores=heap.D, rows=heap.I)
         self.added.inc(len(vectors))
         yield number
 
@@ -130,19 +149,24 @@ def run(elements: list, dofn: beam.DoFn, pipeline_args: list[str], label: str) -
         _ = p | f"{label}Shards" >> beam.Create(elements, reshuffle=False) | label >> beam.ParDo(dofn)
 
 
-def merge(trained: faiss.Index, work: str, numbers: list[int], local: str) -> faiss.Index:
-    """The trained index holding every part's rows, its inverted lists in local/index.ivfdata."""
-    from faiss.contrib.ondisk import merge_ondisk
-
+def local_parts(work: str, numbers: list[int], local: str) -> list[str]:
+    """The part files as local paths (merge_ondisk memory-maps them): copied when work is remote."""
     parts = [fs.join(work, f"part-{number:05d}.faiss") for number in numbers]
-    if "://" in work:  # merge_ondisk memory-maps local files
+    if "://" in work:
         for i, remote in enumerate(parts):
             parts[i] = os.path.join(local, os.path.basename(remote))
             filesystem, path = fsspec.core.url_to_fs(remote)
             filesystem.get(path, parts[i])
+    return parts
+
+
+def merge(trained: faiss.Index, parts: list[str], ivfdata: str) -> faiss.Index:
+    """The trained index holding every part's rows, its inverted lists in the file `ivfdata`."""
+    from faiss.contrib.ondisk import merge_ondisk
+
     index = faiss.deserialize_index(faiss.serialize_index(trained))
     base = _ivf_part(index)
-    merge_ondisk(base, parts, os.path.join(local, "index.ivfdata"))
+    merge_ondisk(base, parts, ivfdata)
     if isinstance(index, faiss.IndexRefine):
         refine = faiss.downcast_index(index.refine_index)
         for path in parts:
@@ -169,16 +193,20 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
     remote_out = "://" in out  # then merge in a local temporary folder and upload the result
     local = tempfile.mkdtemp(prefix="koclip-merge-") if remote_out else folder
     try:
-        counts = write_rows(store, column, fs.join(folder, "rows.parquet"))
+        counts = count_rows(store, column)
         n = sum(counts)
         if not n:
             raise IndexBuildError(f"{store.root} holds no {column} vectors to index")
         trained = read_index_file(trained) if trained is not None else None
         plan = plan_of(trained, n, budget) if trained is not None else choose_index(n, store.dim, budget, "ivfpq")
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
-        elements = [(i, s.path, start, c) for i, (s, start, c) in enumerate(zip(store.shards, starts, counts))]
-        qrows = query_rows(n, queries, seed)
-        picked = qrows if trained is not None else np.union1d(qrows, train_rows(plan, seed))
+        held_out = query_rows(n, queries, seed)
+        write_rows(store, column, fs.join(folder, "rows.parquet"), counts, held_out)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
+        kept = [c - int(((held_out >= s) & (held_out < s + c)).sum()) for s, c in zip(starts, counts)]
+        index_starts = np.concatenate([[0], np.cumsum(kept)[:-1]]).astype(int)
+        elements = [(i, shard.path, int(s), c, int(r))
+                    for i, (shard, s, c, r) in enumerate(zip(store.shards, starts, counts, index_starts))]
+        picked = held_out if trained is not None else np.union1d(held_out, train_rows(plan, seed))
         _save_npz(fs.join(work, "picked.npz"), rows=picked)
         run(elements, SampleShard(column, work), list(pipeline_args), "Sample")
         samples = [_load_npz(fs.join(work, f"sample-{i:05d}.npz")) for i, *_ in elements
@@ -186,19 +214,27 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
         rows = np.concatenate([s["rows"] for s in samples])
         vectors = np.concatenate([s["vectors"] for s in samples])
         lookup = dict(zip(rows.tolist(), range(len(rows))))
-        q = vectors[[lookup[r] for r in qrows.tolist()]]
+        q = np.ascontiguousarray(vectors[[lookup[r] for r in held_out.tolist()]])
         if trained is None:
             trained = train(plan, vectors[[lookup[r] for r in train_rows(plan, seed).tolist()]])
         fs.write_bytes(fs.join(folder, "trained.faiss"), faiss.serialize_index(trained).tobytes())
-        _save_npz(fs.join(work, "queries.npz"), vectors=q)
+        _save_npz(fs.join(work, "queries.npz"), vectors=q, rows=held_out)
         run(elements, AddShard(column, work, fs.join(folder, "trained.faiss")), list(pipeline_args), "Add")
-        index = merge(trained, work, [e[0] for e in elements], local)
-        heap = faiss.ResultHeap(len(q), RECALL_K + 1, keep_max=True)
+        scratch = local if remote_out else work  # a local folder for the merges' files
+        parts = local_parts(work, [e[0] for e in elements], scratch)
+        heap = faiss.ResultHeap(len(q), RECALL_K, keep_max=True)
         for number, *_ in elements:
             truth = _load_npz(fs.join(work, f"truth-{number:05d}.npz"))
             heap.add_result(np.ascontiguousarray(truth["scores"]), np.ascontiguousarray(truth["rows"]))
         heap.finalize()
-        tuning = tune(index, q, qrows, heap.I, target_recall)
+        tuning = tune(merge(trained, parts, os.path.join(scratch, "tuning.ivfdata")), q, heap.I, target_recall)
+        # faiss cannot grow the lists of a merged on-disk index (the ids come out corrupt): merge again,
+        # with the held-out rows as one more part, last
+        held = faiss.deserialize_index(faiss.serialize_index(trained))
+        add_vectors(held, q, n - len(q))
+        faiss.write_index(held, os.path.join(scratch, "part-held-out.faiss"))
+        index = merge(trained, parts + [os.path.join(scratch, "part-held-out.faiss")],
+                      os.path.join(local, "index.ivfdata"))
         faiss.write_index(index, os.path.join(local, "index.faiss"))
         index_bytes = sum(os.path.getsize(os.path.join(local, f)) for f in ("index.faiss", "index.ivfdata"))
         if remote_out:
@@ -215,7 +251,7 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
             before_publish(folder)
         deleted = publish(out, version, keep)
     except BaseException:
-        remove_tree(folder)
+        discard(out, version)
         raise
     finally:
         if remote_out:

@@ -41,18 +41,17 @@ def write_store(root: str, vecs: np.ndarray, first: int = 0, shards: int = 2, fi
     return root
 
 
-def exact_recall(index, queries: np.ndarray, corpus: np.ndarray, drop_self: bool) -> float:
-    """recall@10 of index.search against numpy's exact ranking (own row dropped for corpus queries)."""
-    k = 11 if drop_self else 10
-    _, found = index.search(queries, k)
-    truth = np.argsort(-(queries @ corpus.T), axis=1, kind="stable")[:, :k]
-    hits = 0.0
-    for got, want in zip(found, truth):
-        if drop_self:
-            own = want[0]
-            got, want = [r for r in got if r != own][:10], [r for r in want if r != own][:10]
-        hits += len(set(got[:10]) & set(want[:10])) / 10
-    return hits / len(queries)
+def exact_recall(index, queries: np.ndarray, corpus: np.ndarray, ids: list[str]) -> float:
+    """recall@10 of index.search against numpy's exact ranking of `corpus` (whose rows are `ids`)."""
+    _, found = index.search(queries, 10)
+    truth = np.argsort(-(queries @ corpus.T), axis=1, kind="stable")[:, :10]
+    hits = [len({index.ids[r] for r in got if r >= 0} & {ids[r] for r in want}) / 10
+            for got, want in zip(found, truth)]
+    return float(np.mean(hits))
+
+
+def item_ids(first: int, n: int) -> list[str]:
+    return [f"item{i}" for i in range(first, first + n)]
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +98,11 @@ def test_each_kind_reaches_the_target_recall(tmp_path, store, corpus, kind):
     meta = result.meta
     assert meta["kind"] == kind and meta["target_reached"] and meta["recall_at_10"] >= 0.95
     index = load_index(str(tmp_path / "idx"))
-    # meta's figure, recomputed here: the same query rows, exact ranking by numpy
-    rows = query_rows(len(corpus), 400, seed=0)
-    assert exact_recall(index, corpus[rows], corpus, drop_self=True) == pytest.approx(meta["recall_at_10"], abs=0.01)
-    held_out = vectors(300, seed=7)  # not in the index
-    assert exact_recall(index, held_out, corpus, drop_self=False) >= 0.93
+    # the tuning queries are corpus rows held out while tuning, then added as the last rows
+    held_out = query_rows(len(corpus), 400, seed=0)
+    assert index.ids[-400:] == [f"item{i}" for i in held_out] and sorted(index.ids) == sorted(item_ids(0, 4000))
+    fresh = vectors(300, seed=7)  # vectors the index has never seen
+    assert exact_recall(index, fresh, corpus, item_ids(0, 4000)) >= 0.93
     assert index.count == len(corpus) and index.dim == DIM and meta["fingerprint"] == "model-a"
     assert meta["model_config"] == {"projection_dim": DIM} and meta["recall_queries"] == 400
     expected = {"flat": {}, "hnsw": {"efSearch"}, "ivfpq": {"nprobe", "k_factor"}}[kind]
@@ -116,12 +115,12 @@ def test_search_returns_rows_and_their_metadata(tmp_path, corpus):
     index = load_index(str(tmp_path / "idx"))
     scores, rows = index.search(corpus[3], k=8)  # a single vector, more k than rows
     assert rows.dtype == np.int64 and scores.dtype == np.float32 and rows.shape == (1, 8)
-    assert rows[0, 0] == 3 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
-    assert list(rows[0, 5:]) == [-1, -1, -1]
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-5) and list(rows[0, 5:]) == [-1, -1, -1]
     records = index.records(rows[0])
-    assert records[0] == {"row": 3, "id": "item3", "item_id": "item3", "uri": "gs://images/3.png",
+    assert records[0] == {"row": int(rows[0, 0]), "id": "item3", "item_id": "item3", "uri": "gs://images/3.png",
                           "captions": ["caption 3 #0", "caption 3 #1"]}
-    assert records[5:] == [None, None, None] and index.ids == [f"item{i}" for i in range(5)]
+    assert records[5:] == [None, None, None] and sorted(index.ids) == item_ids(0, 5)
+    assert [r["id"] for r in index.records(np.arange(5))] == index.ids
     with pytest.raises(ValueError, match=r"needs \[N, 32\]"):
         index.search(np.zeros((2, 16), np.float32))
 
@@ -131,8 +130,9 @@ def test_caption_index_has_a_row_per_caption(tmp_path, corpus):
     result = build_index(store, str(tmp_path / "idx"), column="caption_embeddings")
     index = load_index(result.path)  # a version folder works as well as the root
     assert index.count == 12 and index.meta["column"] == "caption_embeddings"
-    assert index.records([5]) == [{"row": 5, "id": "item2#1", "item_id": "item2", "uri": "gs://images/2.png",
-                                   "captions": ["caption 2 #1"]}]
+    row = index.ids.index("item2#1")
+    assert index.records([row]) == [{"row": row, "id": "item2#1", "item_id": "item2", "uri": "gs://images/2.png",
+                                     "captions": ["caption 2 #1"]}]
 
 
 # ---------------------------------------------------------------- versions and publishing
@@ -145,7 +145,7 @@ def _publish_round(root: str, store: str) -> None:
     assert versions == sorted(versions) and current_version(root) == versions[-1]
     assert list_versions(root) == versions[-2:]  # keep=2: the oldest is gone
     index = load_index(root)
-    assert index.version == versions[-1] and index.records([0])[0]["id"] == "item0"
+    assert index.version == versions[-1] and sorted(index.ids) == sorted(item_ids(0, 300))
     meta = json.loads(fs.read_bytes(fs.join(root, "versions", versions[-1], "meta.json")))
     assert meta["version"] == versions[-1] and meta["count"] == index.count
 
@@ -214,15 +214,15 @@ def _extend_and_check(tmp_path, corpus, kind: str, **build):
     removed = [f"item{i}" for i in range(0, 100, 2)]
     result = extend_index(root, add=added, remove=removed, queries=300)
     index = load_index(root)
-    expected = [f"item{i}" for i in range(2950) if f"item{i}" not in removed] + \
-               [f"item{i}" for i in range(2950, 3150)]
-    assert index.ids == expected and index.count == len(expected) == 3100
+    expected = [f"item{i}" for i in range(2950) if f"item{i}" not in removed] + item_ids(2950, 200)
+    assert sorted(index.ids) == sorted(expected) and index.count == len(expected) == 3100
     assert index.meta["parent"] == base.version and result.meta["count"] == 3100
-    kept = np.concatenate([np.delete(corpus[:2950], range(0, 100, 2), axis=0), fresh])
-    assert exact_recall(index, vectors(300, seed=8), kept, drop_self=False) >= 0.9  # tuned parameters
+    by_id = dict(zip(item_ids(0, 2950) + item_ids(2950, 200), np.concatenate([corpus[:2950], fresh])))
+    in_index = np.stack([by_id[i] for i in index.ids])
+    assert exact_recall(index, vectors(300, seed=8), in_index, index.ids) >= 0.9  # tuned parameters
     set_search_params(index.faiss, EXHAUSTIVE[index.kind])  # every row is where its id says
-    _, rows = index.search(kept, 1)
-    assert (rows[:, 0] == np.arange(len(kept))).all()
+    _, rows = index.search(in_index, 1)
+    assert (rows[:, 0] == np.arange(len(in_index))).all()
     return base, result, index
 
 

@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 from bench.index import clustered_vectors  # noqa: E402
 from koclip import fs  # noqa: E402
-from koclip.index import build_index, list_versions, load_index  # noqa: E402
+from koclip.index import build_index, extend_index, list_versions, load_index  # noqa: E402
 from koclip.index_faiss import set_search_params  # noqa: E402
 from koclip.store import Row, rows_to_table, write_shard  # noqa: E402
 from pipelines.index import main  # noqa: E402
@@ -40,6 +40,12 @@ def write_store(root: str, items: int, sizes: list[int], captions: int = 2) -> s
     return root
 
 
+def caption_vectors(ids: list[str]) -> np.ndarray:
+    """The vector of each caption row id "item{i}#{c}" of write_store's stores (2 captions per item)."""
+    texts = vectors(5000, 1)
+    return texts[[2 * int(i[4:].split("#")[0]) + int(i.split("#")[1]) for i in ids]]
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):  # 2 captions per item: 5000 caption rows in uneven shards
     return write_store(str(tmp_path_factory.mktemp("store")), 2500, [700, 1100, 0, 300, 400])
@@ -62,7 +68,7 @@ def test_distributed_build_equals_the_single_process_build(tmp_path, store, dist
     assert single.meta["search_params"] == meta["search_params"]
     assert single.meta["recall_at_10"] == meta["recall_at_10"] and meta["target_reached"]
     a, b = load_index(distributed.root), load_index(single.root)
-    assert a.ids == b.ids and a.ids[:3] == ["item0#0", "item0#1", "item1#0"]
+    assert a.ids == b.ids and sorted(a.ids) == sorted(f"item{i}#{c}" for i in range(2500) for c in (0, 1))
     queries = vectors(200, seed=5)
     for params in (meta["search_params"], {"nprobe": 1, "k_factor": 1}, {"nprobe": 64, "k_factor": 8}):
         set_search_params(a.faiss, params)
@@ -70,9 +76,9 @@ def test_distributed_build_equals_the_single_process_build(tmp_path, store, dist
         (sa, ra), (sb, rb) = a.search(queries, 10), b.search(queries, 10)
         np.testing.assert_array_equal(ra, rb)
         np.testing.assert_array_equal(sa, sb)
-    set_search_params(a.faiss, {"nprobe": 4096, "k_factor": 32})  # exhaustive: each row where its id says
-    _, rows = a.search(vectors(5000, 1)[[0, 1, 4321]], 1)
-    assert [r["id"] for r in a.records(rows[:, 0])] == ["item0#0", "item0#1", "item2160#1"]
+    set_search_params(a.faiss, {"nprobe": 4096, "k_factor": 32})  # exhaustive: every row where its id says
+    _, rows = a.search(caption_vectors(a.ids), 1)
+    assert (rows[:, 0] == np.arange(5000)).all()
 
 
 def test_distributed_build_publishes_on_gcs(gcs_bucket, store, distributed):
@@ -84,6 +90,20 @@ def test_distributed_build_publishes_on_gcs(gcs_bucket, store, distributed):
     local = load_index(distributed.root)
     queries = vectors(50, seed=6)
     np.testing.assert_array_equal(index.search(queries, 5)[1], local.search(queries, 5)[1])
+
+
+def test_a_distributed_index_can_be_extended(tmp_path, store, distributed):
+    import shutil
+
+    root = str(tmp_path / "idx")
+    shutil.copytree(distributed.root, root)
+    result = extend_index(root, remove=["item0", "item5"])
+    assert result.meta["layout"] == "single" and result.meta["parent"] == distributed.version
+    index = load_index(root)
+    assert index.count == 4996 and not {"item0#0", "item0#1", "item5#0", "item5#1"} & set(index.ids)
+    set_search_params(index.faiss, {"nprobe": 4096, "k_factor": 32})
+    _, rows = index.search(caption_vectors(index.ids), 1)
+    assert (rows[:, 0] == np.arange(4996)).all()
 
 
 # ---------------------------------------------------------------- CLI
