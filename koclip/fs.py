@@ -16,6 +16,9 @@ def join(path: str, *names: str) -> str:
 
 def read_bytes(path: str) -> bytes:
     try:
+        if "://" not in path:  # plain local path: skip fsspec's per-call URL parsing (hot in the pipeline)
+            with open(path, "rb") as f:
+                return f.read()
         with fsspec.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
