@@ -49,7 +49,7 @@ from koclip.index_faiss import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TAR
 from koclip.index_folder import (ROWS_SCHEMA, Index, IndexFolderError, current_version, list_versions,
                                  load_index, make_meta, new_version, publish, read_index_file, remove_tree,
                                  resolve, write_version)
-from koclip.store import Store, StoreError, open_store
+from koclip.store import Store, StoreError, open_store, vectors_to_numpy
 
 __all__ = ["BuildResult", "INDEX_ERROR", "Index", "IndexBuildError", "IndexFolderError", "KINDS", "Plan",
            "build_index", "choose_index", "current_version", "estimate_memory", "extend_index", "list_versions",
@@ -78,8 +78,6 @@ def rows_table(table: pa.Table, column: str) -> pa.Table:
 
 def read_shard(path: str, column: str, vectors: bool = True) -> tuple[pa.Table, np.ndarray | None]:
     """One shard's index rows and (optionally) its float32 vectors of `column`."""
-    from koclip.store import vectors_to_numpy
-
     with fsspec.open(path, "rb") as f:
         table = pq.read_table(f, columns=["id", "uri", "captions"] + ([column] if vectors else []))
     rows = rows_table(table, column)
