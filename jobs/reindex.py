@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from koclip import fs, store
 from pipelines.listing import Item, ListingError, list_items
+from pipelines.transforms.write import DEAD_LETTER_DIR, read_dead_letters
 
 log = logging.getLogger("jobs.reindex")
 
@@ -168,14 +169,6 @@ def _write_run_manifest(path: str, items: list[Item]) -> None:
     fs.write_bytes(path, "".join(lines).encode())
 
 
-def _dead_ids(run_out: str) -> set[str]:
-    filesystem, root = fsspec.core.url_to_fs(run_out)
-    ids = set()
-    for path in filesystem.glob(f"{root.rstrip('/')}/_dead_letters/*.jsonl"):
-        ids |= {json.loads(line)["id"] for line in filesystem.cat_file(path).decode().splitlines() if line}
-    return ids
-
-
 def _remove_from_live(live: str, ids: set[str]) -> int:
     """Drop the rows of `ids` from the live store, rewriting (or deleting) only the shards that hold them."""
     import pyarrow.compute as pc
@@ -186,13 +179,13 @@ def _remove_from_live(live: str, ids: set[str]) -> int:
     filesystem, _ = fsspec.core.url_to_fs(live)
     wanted = pa.array(sorted(ids), pa.string())
     for path in store.list_shards(live):
-        table = pq.read_table(io.BytesIO(fs.read_bytes(path)))
-        drop = pc.is_in(table.column("id"), value_set=wanted)
-        count = pc.sum(drop).as_py() or 0
+        with fsspec.open(path, "rb") as f:  # the id column only: most shards hold none of `ids`
+            count = pc.sum(pc.is_in(pq.read_table(f, columns=["id"]).column("id"), value_set=wanted)).as_py() or 0
         if not count:
             continue
         removed += count
-        kept = table.filter(pc.invert(drop))
+        table = pq.read_table(io.BytesIO(fs.read_bytes(path)))
+        kept = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=wanted)))
         if kept.num_rows:
             store.write_shard(path, kept)
         else:
@@ -242,7 +235,7 @@ def _embed_changes(args, work: str, run_id: str, items: list[Item]) -> tuple[str
     output = fs.join(run_dir, "embeddings")
     embed.run(["--input", manifest, "--output", output, "--model", args.model, "--batch_size", str(args.batch_size),
                "--unit_size", str(args.unit_size), *args.beam_args])
-    return output, _dead_ids(output)
+    return output, {d["id"] for d in read_dead_letters(output)}
 
 
 def index_is_published(root: str) -> bool:
@@ -299,7 +292,7 @@ def reindex(args, before_publish=None) -> ReindexResult:
 
     if not store.list_shards(live):
         raise ReindexError(f"nothing to index: none of the {len(items)} items of {args.source} could be embedded "
-                           f"(see {fs.join(work, RUNS_DIR, run_id, 'embeddings', '_dead_letters')})")
+                           f"(see {fs.join(work, RUNS_DIR, run_id, 'embeddings', DEAD_LETTER_DIR)})")
     result.published, result.live_rows = publish_index(args, live, run_out, removed_ids, before_publish)
 
     state = {k: v for k, v in previous.items() if k not in removed_ids}

@@ -16,21 +16,12 @@ from koclip.encoders import checkpoint_encoders
 from koclip.processing import ImagePreprocessor
 from pipelines import embed
 from pipelines.listing import list_items
+from pipelines.transforms.write import read_dead_letters
 from tests.corpus import write_corpus, write_manifest
 
 
 def corpus_run_model(result) -> str:
     return json.loads(open(os.path.join(result.output, "_run.json")).read())["model"]
-
-
-def _dead_letters(output: str) -> list[dict]:
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(output)
-    lines = []
-    for path in filesystem.glob(f"{root}/_dead_letters/*.jsonl"):
-        lines += [json.loads(line) for line in filesystem.cat_file(path).decode().splitlines()]
-    return lines
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +51,7 @@ def test_every_bad_input_ends_in_exactly_one_outcome(corpus, corpus_run):
     output, result = corpus_run
     table = store.open_store(output).read_table()
     embedded = table.column("id").to_pylist()
-    dead = {d["id"]: d for d in _dead_letters(output)}
+    dead = {d["id"]: d for d in read_dead_letters(output)}
     assert sorted(embedded) == sorted(i for i, outcome in expected.items() if outcome == "embedded")
     assert {i: d["reason"] for i, d in dead.items()} == {i: o for i, o in expected.items() if o != "embedded"}
     assert not set(embedded) & set(dead)
@@ -206,7 +197,7 @@ def test_gcs_end_to_end(corpus, tiny_ckpt_dir, gcs_bucket):
     embedded = sorted(read_back.read_table(["id"]).column("id").to_pylist())
     assert embedded == sorted(i for i in expected if expected[i] == "embedded")
     assert all(r["uri"].startswith(f"{gcs_bucket}/in/") for r in read_back.read_table(["uri"]).to_pylist())
-    dead = {d["id"]: d["reason"] for d in _dead_letters(output)}
+    dead = {d["id"]: d["reason"] for d in read_dead_letters(output)}
     assert dead == {i: o for i, o in expected.items() if o != "embedded" and i != "bomb"}
     assert result.totals["items"] == len(kept) == len(embedded) + len(dead)
     again = embed.run(["--input", f"{gcs_bucket}/in/manifest.jsonl", "--output", output, "--model", tiny_ckpt_dir,

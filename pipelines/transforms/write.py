@@ -42,6 +42,17 @@ def done_path(output: str, index: int) -> str:
     return fs.join(output, DONE_DIR, f"unit-{index:05d}.json")
 
 
+def read_dead_letters(output: str) -> list[dict]:
+    """Every dead-letter record of an output folder, unit by unit."""
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(output)
+    records = []
+    for path in sorted(filesystem.glob(f"{root.rstrip('/')}/{DEAD_LETTER_DIR}/unit-*.jsonl")):
+        records += [json.loads(line) for line in filesystem.cat_file(path).decode().splitlines() if line]
+    return records
+
+
 @dataclass
 class _Pending:
     unit: UnitRef
