@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions,
 
 from koclip import fs
 from pipelines.listing import ListingError, Unit, list_items, listing_digest, make_units
-from pipelines.options import EmbedOptions, OptionsError, default_workers, parse
+from pipelines.options import EmbedOptions, OptionsError, parse
 from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
 from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits
@@ -196,7 +196,6 @@ def _local_runner(options):
     direct = options.view_as(DirectOptions)
     if direct.direct_running_mode == "in_memory":
         direct.direct_running_mode = "multi_threading"
-    direct.direct_num_workers = direct.direct_num_workers or default_workers()
     return FnApiRunner()
 
 

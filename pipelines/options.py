@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from koclip.processing import DEFAULT_MAX_PIXELS
 
@@ -100,6 +100,9 @@ def parse(argv: list[str]) -> tuple[EmbedOptions, PipelineOptions]:
     if known.unit_size < 1:
         raise OptionsError(f"--unit_size must be at least 1, got {known.unit_size}")
     options = PipelineOptions(argv)
+    if not any(a == "--direct_num_workers" or a.startswith("--direct_num_workers=") for a in rest):
+        # Beam's default is 1 worker thread, which leaves a core idle while one item decodes.
+        options.view_as(DirectOptions).direct_num_workers = default_workers()
     return options.view_as(EmbedOptions), options
 
 
@@ -108,4 +111,5 @@ def _raise_options_error(message: str):
 
 
 def default_workers() -> int:
-    return max(1, os.cpu_count() or 1)
+    """Local worker threads: one per core this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -182,6 +182,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_ckpt_dir, corpus):
         assert message in err and err.count("\n") == 1, err
 
 
+def test_local_runs_use_one_worker_thread_per_core_unless_told():
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    from pipelines.options import parse
+
+    cores = len(os.sched_getaffinity(0))
+    assert parse([])[1].view_as(DirectOptions).direct_num_workers == cores
+    assert parse(["--direct_num_workers=1"])[1].view_as(DirectOptions).direct_num_workers == 1
+    assert parse(["--direct_num_workers", "3"])[1].view_as(DirectOptions).direct_num_workers == 3
+
+
 def test_gcs_end_to_end(corpus, tiny_ckpt_dir, gcs_bucket):
     folder, _, records, expected = corpus
     for name in os.listdir(folder):
