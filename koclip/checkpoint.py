@@ -63,6 +63,16 @@ class Checkpoint:
             raise CheckpointError("this checkpoint has no tokenizer files")
         return load_tokenizer(source)
 
+    def encoding_tokenizer(self):
+        """The tokenizer for encoding texts only (koclip.processing.load_encoding_tokenizer): the
+        same ids as `tokenizer()`, without importing transformers when tokenizer.json suffices."""
+        from koclip.processing import load_encoding_tokenizer
+
+        source = self.tokenizer_dir or self.path
+        if source is None:
+            raise CheckpointError("this checkpoint has no tokenizer files")
+        return load_encoding_tokenizer(source)
+
 
 # ---------------------------------------------------------------- paths
 

@@ -82,7 +82,7 @@ def _embed_texts(ckpt, model, texts) -> np.ndarray:
 
     if any(not t.strip() for t in texts):
         raise UsageError("a text is empty")
-    ids, mask = tokenize(ckpt.tokenizer(), list(texts), ckpt.config.text_length_buckets, ckpt.config.max_text_length)
+    ids, mask = tokenize(ckpt.encoding_tokenizer(), list(texts), ckpt.config.text_length_buckets, ckpt.config.max_text_length)
     return np.asarray(jax.jit(model.encode_text)(ckpt.params, ids, mask))
 
 

@@ -37,7 +37,7 @@ def checkpoint_encoders(ckpt, batch_size: int = 32, dtype: str = "float32") -> E
 
     model = ckpt.model(dtype)
     config = ckpt.config
-    tokenizer = ckpt.tokenizer()
+    tokenizer = ckpt.encoding_tokenizer()
     params = replicate(model.cast_params(ckpt.params), data_mesh())  # one device copy for both encoders
     image_encoder = BatchEncoder(model.encode_image, params, batch_size)
     text_encoder = BatchEncoder(model.encode_text, params, batch_size)

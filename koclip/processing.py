@@ -252,6 +252,70 @@ def _from_pretrained(auto_tokenizer, local_dir: str):
         hf_logging.set_verbosity(level)
 
 
+# Tokenizer classes that are only a wrapper around tokenizer.json: for these, the file alone says
+# how texts become ids. A model-specific class (BertTokenizer, ...) may rebuild parts of the
+# pipeline from tokenizer_config.json, so those stay with transformers.
+_GENERIC_TOKENIZER_CLASSES = (None, "TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+class JsonTokenizer:
+    """A tokenizer.json run by the `tokenizers` library alone, for encoding texts.
+
+    Loading it takes milliseconds; importing transformers takes 1-3 s, paid by every pipeline
+    worker and every query. Called as transformers tokenizers are (`tok(texts, truncation=True,
+    max_length=L)["input_ids"]`, `tok.pad_token_id`), and gives the same ids. Thread-safe: each
+    truncation length gets its own configured `tokenizers.Tokenizer`.
+    """
+
+    def __init__(self, tokenizer_json: str, pad_token: str | None):
+        self._json = tokenizer_json
+        self._by_length: dict[int | None, Any] = {None: self._configured(None)}
+        self.pad_token_id = None if pad_token is None else self._by_length[None].token_to_id(pad_token)
+
+    def _configured(self, max_length: int | None):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(self._json)
+        tokenizer.no_padding()
+        if max_length is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(max_length, strategy="longest_first", direction="right")
+        return tokenizer
+
+    def __call__(self, texts: Sequence[str], truncation: bool = False, max_length: int | None = None,
+                 padding: bool = False, add_special_tokens: bool = True) -> dict[str, list[list[int]]]:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single string")
+        if padding:
+            raise ValueError("JsonTokenizer does not pad; koclip.processing.tokenize pads to a bucket")
+        length = max_length if truncation else None
+        tokenizer = self._by_length.get(length)
+        if tokenizer is None:  # two threads may both build it; either copy is the same
+            tokenizer = self._by_length.setdefault(length, self._configured(length))
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encodings]}
+
+
+def load_encoding_tokenizer(path: str | os.PathLike):
+    """The tokenizer texts are encoded with: a `JsonTokenizer` when the folder's tokenizer.json
+    alone defines the tokenizer, else the transformers tokenizer (`load_tokenizer`)."""
+    import json
+
+    from koclip import fs
+
+    path = os.fspath(path)
+    config_path, json_path = fs.join(path, "tokenizer_config.json"), fs.join(path, "tokenizer.json")
+    if not fs.exists(json_path):
+        return load_tokenizer(path)
+    config = json.loads(fs.read_bytes(config_path)) if fs.exists(config_path) else {}
+    if config.get("tokenizer_class") not in _GENERIC_TOKENIZER_CLASSES:
+        return load_tokenizer(path)
+    pad = config.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    return JsonTokenizer(fs.read_bytes(json_path).decode("utf-8"), pad)
+
+
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds n tokens."""
     for bucket in sorted(buckets):

@@ -347,3 +347,36 @@ def test_iter_batches():
     assert list(iter_batches(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert list(iter_batches(iter([]), 3)) == []
     assert list(iter_batches("ab", 2)) == [["a", "b"]]
+
+
+TOKENIZER_TEXTS = ["빨간 사과", "웃는 얼굴 이모지", "키 캡 #", "Hello, World!", "ÀÉÎ café naïve", "  공백  여러 개  ",
+                   "강아지 " * 40, "", "🍎 사과 🍏", "中文 日本語 한국어"]
+
+
+@pytest.mark.parametrize("source", ["shipped-korean", "trained-wordpiece"])
+def test_json_tokenizer_gives_the_transformers_ids(source, tmp_path):
+    pytest.importorskip("transformers")
+    from koclip.processing import JsonTokenizer, load_encoding_tokenizer
+    from koclip.vocab import train_wordpiece
+
+    if source == "shipped-korean":
+        from jobs.presets import SHIPPED_KOREAN_VOCAB as folder
+    else:
+        folder = str(tmp_path / "wordpiece")
+        train_wordpiece(TOKENIZER_TEXTS * 3, vocab_size=120).save_pretrained(folder)
+    lean, reference = load_encoding_tokenizer(folder), load_tokenizer(folder)
+    assert isinstance(lean, JsonTokenizer)
+    assert lean.pad_token_id == reference.pad_token_id is not None
+    for kwargs in ({}, {"truncation": True, "max_length": 8}, {"truncation": True, "max_length": 32}):
+        assert lean(TOKENIZER_TEXTS, **kwargs)["input_ids"] == reference(TOKENIZER_TEXTS, **kwargs)["input_ids"], kwargs
+    for got, want in zip(tokenize(lean, TOKENIZER_TEXTS, (8, 16), 16), tokenize(reference, TOKENIZER_TEXTS, (8, 16), 16)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_model_specific_tokenizer_classes_stay_with_transformers(minilm_dir):
+    pytest.importorskip("transformers")
+    from koclip.processing import JsonTokenizer, load_encoding_tokenizer
+
+    tokenizer = load_encoding_tokenizer(minilm_dir)  # tokenizer_config says BertTokenizer
+    assert not isinstance(tokenizer, JsonTokenizer)
+    assert tokenizer(["hello world"])["input_ids"] == load_tokenizer(minilm_dir)(["hello world"])["input_ids"]
