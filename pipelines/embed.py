@@ -7,7 +7,7 @@
 The driver lists the input and cuts it into work units (pipelines.listing), skips the units a
 previous run finished, and runs one Beam pipeline over the rest:
 
-  units -> Reshuffle -> items -> DecodeItem -> RunInference(KoclipModelHandler) -> WriteUnits
+  units (reshuffled) -> items -> DecodeItem -> RunInference(KoclipModelHandler) -> WriteUnits
                                   (decoded items or dead letters, which the model passes through)
 
 Decoding, inference and writing are one chain of ParDos, fused by every runner (no shuffle or
@@ -182,8 +182,7 @@ def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
                                  compilation_cache=opts.compilation_cache or None)
     return (
         pipeline
-        | "Units" >> beam.Create(p.pending)
-        | "Spread" >> beam.Reshuffle()
+        | "Units" >> beam.Create(p.pending)  # Create reshuffles its elements: units spread over workers
         | "Items" >> beam.FlatMap(_unit_items)
         | "Decode" >> beam.ParDo(DecodeItem(ImagePreprocessor.from_config(config, opts.max_pixels)))
         | "Embed" >> RunInference(handler)

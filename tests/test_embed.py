@@ -281,7 +281,7 @@ def test_dataflow_job_builds_offline_with_the_package_staged(corpus, tiny_ckpt_d
                         "--temp_location=gs://koclip-test/tmp", "--setup_file=./setup.py", "--dry_run=True"])
     pipeline = result.job.proto_pipeline
     top_level = {t.unique_name.split("/")[0] for t in pipeline.components.transforms.values()}
-    assert {"Units", "Spread", "Items", "Decode", "Embed", "Write"} <= top_level
+    assert {"Units", "Items", "Decode", "Embed", "Write"} <= top_level
     staged = {beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name
               for env in pipeline.components.environments.values() for d in env.dependencies}
     assert "workflow.tar.gz" in staged  # the sdist of setup.py
