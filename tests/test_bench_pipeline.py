@@ -14,11 +14,13 @@ def test_quick_run_writes_rows(tmp_path, monkeypatch, capsys):
     assert pipeline.main(["--quick", "--sizes", "40,80", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     runs = [(r["run"], r["size"]) for r in data["rows"]]
-    assert runs == [("bare encoder", 40), ("pipeline", 40), ("pipeline", 80)]
+    assert runs == [("bare encoder", 40), ("pipeline", 40), ("pipeline", 80), ("bare encoder", 40)]
     for row in data["rows"]:
         assert row["embedded"] == row["items"] == row["size"]
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 0 and row["recompiles"] == 0
-    for row in data["rows"][1:]:
+    for row in data["rows"][1:3]:
         assert 0 < row["startup_s"] < row["seconds"]
+    bare_rates = [r["items"] / r["seconds"] for r in data["rows"] if r["run"] == "bare encoder"]
+    assert min(bare_rates) <= data["bare_items_per_s_mean"] <= max(bare_rates)
     assert data["peak_rss_ratio"] > 0
     assert "pipeline throughput at 80 items" in capsys.readouterr().out
