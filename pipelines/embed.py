@@ -5,9 +5,12 @@
       --runner=DataflowRunner ...                 # see the README for Dataflow
 
 The driver lists the input and cuts it into work units (pipelines.listing), skips the units a
-previous run finished, and runs one Beam pipeline over the rest:
+previous run finished, writes each remaining unit's items to `_units/unit-N.jsonl` in the output
+folder, and runs one Beam pipeline over the rest. The pipeline itself carries only unit
+references, so the job graph stays the same size for ten items or ten million (Dataflow refuses
+job graphs over 10 MB):
 
-  units (reshuffled) -> items -> DecodeItem -> RunInference(KoclipModelHandler) -> WriteUnits
+  unit refs (reshuffled) -> items (read from _units/) -> DecodeItem -> RunInference(KoclipModelHandler) -> WriteUnits
                                   (decoded items or dead letters, which the model passes through)
 
 Decoding, inference and writing are one chain of ParDos, fused by every runner (no shuffle or
@@ -30,13 +33,14 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
 from koclip import fs
-from pipelines.listing import ListingError, Unit, list_items, listing_digest, make_units
+from pipelines.listing import ListingError, Unit, list_items, listing_digest, make_units, read_unit_file, unit_file_bytes
 from pipelines.options import EmbedOptions, OptionsError, parse
 from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
 from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits
 
 log = logging.getLogger("pipelines.embed")
+UNITS_DIR = "_units"
 
 
 class PlanError(ValueError):
@@ -116,7 +120,7 @@ def _clear(output: str) -> None:
     for path in filesystem.glob(f"{root}/shard-*.parquet") + [f"{root}/{RUN_FILE}"]:
         if filesystem.exists(path):
             filesystem.rm(path)
-    for folder in (DONE_DIR, DEAD_LETTER_DIR):
+    for folder in (DONE_DIR, DEAD_LETTER_DIR, UNITS_DIR):
         if filesystem.exists(f"{root}/{folder}"):
             filesystem.rm(f"{root}/{folder}", recursive=True)
 
@@ -165,11 +169,36 @@ def plan(opts: EmbedOptions) -> Plan:
     fs.write_bytes(run_path, json.dumps(run_info, ensure_ascii=False, indent=1).encode())
     done = _done_markers(output)
     pending = [u for u in units if done.get(u.index, {}).get("key") != u.key]
+    _write_unit_files(output, pending)
     return Plan(source, output, model, fingerprint, config, dim, units, pending, run_info)
 
 
-def _unit_items(unit: Unit):
-    ref = UnitRef(unit.index, unit.key, len(unit.items))
+def _unit_file(output: str, index: int) -> str:
+    return fs.join(output, UNITS_DIR, f"unit-{index:05d}.jsonl")
+
+
+def _write_unit_files(output: str, units: list[Unit]) -> None:
+    import fsspec
+
+    if not units:
+        return
+    filesystem, root = fsspec.core.url_to_fs(output)
+    filesystem.makedirs(f"{root.rstrip('/')}/{UNITS_DIR}", exist_ok=True)
+    # One call for all files: gcsfs uploads them concurrently.
+    filesystem.pipe({fsspec.core.url_to_fs(_unit_file(output, u.index))[1]: unit_file_bytes(u) for u in units})
+
+
+def _remove_unit_files(output: str) -> None:
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(output)
+    if filesystem.exists(f"{root.rstrip('/')}/{UNITS_DIR}"):
+        filesystem.rm(f"{root.rstrip('/')}/{UNITS_DIR}", recursive=True)
+
+
+def _unit_items(element: tuple[UnitRef, str]):
+    ref, path = element
+    unit = read_unit_file(path, ref.index, ref.key)
     return ((ref, item) for item in unit.items)
 
 
@@ -182,7 +211,9 @@ def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
                                  compilation_cache=opts.compilation_cache or None)
     return (
         pipeline
-        | "Units" >> beam.Create(p.pending)  # Create reshuffles its elements: units spread over workers
+        # Create reshuffles its elements: the units spread over the workers.
+        | "Units" >> beam.Create([(UnitRef(u.index, u.key, len(u.items)), _unit_file(p.output, u.index))
+                                  for u in p.pending])
         | "Items" >> beam.FlatMap(_unit_items)
         | "Decode" >> beam.ParDo(DecodeItem(ImagePreprocessor.from_config(config, opts.max_pixels)))
         | "Embed" >> RunInference(handler)
@@ -250,6 +281,7 @@ def run(argv: list[str] | None = None) -> EmbedResult:
     finished = [markers[u.index] for u in p.units if markers.get(u.index, {}).get("key") == u.key]
     if len(finished) != len(p.units):
         raise RuntimeError(f"{len(p.units) - len(finished)} units were not written; rerun to finish them")
+    _remove_unit_files(p.output)
     return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), len(p.pending), _totals(finished),
                        this_run, time.perf_counter() - started)
 

@@ -15,7 +15,8 @@ does not exist or does not decode) is the pipeline's business: such items become
 
 The listing, in its order (manifests) or sorted by path (globs), is cut into units of
 `unit_size` items. A unit's key is a hash of its items, so a rerun over the same listing
-finds the same units, and the pipeline can skip the ones already done.
+finds the same units, and the pipeline can skip the ones already done. `unit_file_bytes` /
+`read_unit_file` carry a unit's items from the driver to the workers as a JSONL file.
 """
 from __future__ import annotations
 
@@ -189,3 +190,20 @@ def make_units(items: list[Item], unit_size: int) -> list[Unit]:
         chunk = tuple(items[start:start + unit_size])
         units.append(Unit(index, listing_digest(list(chunk)), chunk))
     return units
+
+
+def unit_file_bytes(unit: Unit) -> bytes:
+    """A unit's items as JSONL, one item per line (what `read_unit_file` reads back)."""
+    return b"".join(json.dumps({"id": i.id, "uri": i.uri, "captions": list(i.captions), "split": i.split,
+                                "caption_uri": i.caption_uri}, ensure_ascii=False).encode() + b"\n"
+                    for i in unit.items)
+
+
+def read_unit_file(path: str, index: int, key: str) -> Unit:
+    """The unit written to `path`; a ListingError unless its items still hash to `key`."""
+    rows = [json.loads(line) for line in fs.read_bytes(path).splitlines() if line.strip()]
+    items = tuple(Item(r["id"], r["uri"], tuple(r["captions"]), r["split"], r["caption_uri"]) for r in rows)
+    if listing_digest(list(items)) != key:
+        raise ListingError(f"{path} no longer holds unit {index} (its items hash to "
+                           f"{listing_digest(list(items))}, expected {key}); rerun to rewrite it")
+    return Unit(index, key, items)

@@ -65,6 +65,7 @@ def test_every_bad_input_ends_in_exactly_one_outcome(corpus, corpus_run):
     assert result.this_run["model_loads"] == 1
     assert result.this_run["warmup_compiles"] == 1 + len(config.text_length_buckets)
     assert dead["missing"]["stage"] == "read" and dead["empty_caption"]["stage"] == "caption"
+    assert not os.path.exists(os.path.join(output, embed.UNITS_DIR))  # removed once every unit is done
     assert all(d["message"] for d in dead.values())
 
 
@@ -286,3 +287,26 @@ def test_dataflow_job_builds_offline_with_the_package_staged(corpus, tiny_ckpt_d
               for env in pipeline.components.environments.values() for d in env.dependencies}
     assert "workflow.tar.gz" in staged  # the sdist of setup.py
     assert not os.path.exists(tmp_path / "out" / "_done")
+
+
+def test_job_graph_does_not_grow_with_the_listing(tiny_ckpt_dir, tmp_path, monkeypatch):
+    """Units reach the workers as files, not inside the job: Dataflow refuses graphs over 10 MB."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sizes = {}
+    for n in (2000, 100_000):
+        manifest = tmp_path / f"items-{n}.jsonl"
+        manifest.write_text("".join(json.dumps({"id": f"item-{i}", "image": f"gs://bucket/images/{i:08d}.jpg",
+                                                "captions": [f"{i}번째 사진의 꽤 긴 한국어 설명문"]}, ensure_ascii=False) + "\n"
+                                    for i in range(n)), encoding="utf-8")
+        output = tmp_path / f"out-{n}"
+        result = embed.run(["--input", str(manifest), "--output", str(output), "--model", tiny_ckpt_dir,
+                            "--unit_size", "1000", "--runner=DataflowRunner", "--project=koclip-test",
+                            "--region=us-central1", "--temp_location=gs://koclip-test/tmp",
+                            "--setup_file=./setup.py", "--dry_run=True"])
+        sizes[n] = len(result.job.proto_pipeline.SerializeToString())
+        unit_files = sorted(os.listdir(output / "_units"))
+        assert len(unit_files) == -(-n // 1000)
+        assert sum(len((output / "_units" / f).read_text(encoding="utf-8").splitlines()) for f in unit_files) == n
+        shutil.rmtree(output)
+    # 50x the items: 98 more unit references of a few hundred bytes, not 12 MB of items.
+    assert sizes[100_000] - sizes[2000] < 98 * 300, sizes
