@@ -33,7 +33,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
 from koclip import fs
-from pipelines.listing import ListingError, Unit, list_items, listing_digest, make_units, read_unit_file, unit_file_bytes
+from pipelines.listing import ListingDigest, ListingError, Unit, iter_items, iter_units, read_unit_file, unit_file_bytes
 from pipelines.options import EmbedOptions, OptionsError, parse
 from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
@@ -41,6 +41,7 @@ from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, Writ
 
 log = logging.getLogger("pipelines.embed")
 UNITS_DIR = "_units"
+_UNIT_FILE_BATCH_ITEMS = 20_000  # unit files are uploaded in batches of about this many items
 
 
 class PlanError(ValueError):
@@ -55,8 +56,8 @@ class Plan:
     fingerprint: str
     config: dict
     dim: int
-    units: list[Unit]
-    pending: list[Unit]
+    units: list[UnitRef]  # every unit of the listing
+    pending: list[UnitRef]  # the units this run embeds
     run_info: dict = field(default_factory=dict)
 
 
@@ -140,36 +141,55 @@ def _done_markers(output: str) -> dict[int, dict]:
     import fsspec
 
     filesystem, root = fsspec.core.url_to_fs(output)
-    markers = {}
-    for path in filesystem.glob(f"{root.rstrip('/')}/{DONE_DIR}/unit-*.json"):
-        marker = json.loads(filesystem.cat_file(path))
-        markers[marker["unit"]] = marker
-    return markers
+    paths = filesystem.glob(f"{root.rstrip('/')}/{DONE_DIR}/unit-*.json")
+    markers = [json.loads(data) for data in filesystem.cat(paths).values()] if paths else []  # gcsfs: concurrent
+    return {m["unit"]: m for m in markers}
+
+
+def _previous_run(output: str) -> dict | None:
+    path = fs.join(output, RUN_FILE)
+    return json.loads(fs.read_bytes(path)) if fs.exists(path) else None
+
+
+def _refuse_if_changed(output: str, previous: dict | None, run_info: dict, keys: tuple[str, ...]) -> None:
+    changed = [k for k in keys if previous is not None and previous.get(k) != run_info[k]]
+    if changed:
+        raise PlanError(f"{output} holds a run with a different {', '.join(changed)} "
+                        f"({', '.join(f'{k}: {previous.get(k)} -> {run_info[k]}' for k in changed)}); "
+                        "pass --overwrite to replace it, or choose another --output")
 
 
 def plan(opts: EmbedOptions) -> Plan:
+    """List the input into units, streaming: the driver holds unit references, never all items.
+    Each unit still to embed is written to _units/ as it is cut."""
     source, output, model = _defaults(opts)
     fingerprint, config, dim = _load_model_info(model, is_default=opts.model is None)
-    items = list_items(source)
-    units = make_units(items, opts.unit_size)
-    run_info = {"input": source, "listing": listing_digest(items), "items": len(items), "unit_size": opts.unit_size,
-                "units": len(units), "fingerprint": fingerprint, "embedding_dtype": opts.embedding_dtype,
-                "model": model}
-    run_path = fs.join(output, RUN_FILE)
+    run_info = {"input": source, "unit_size": opts.unit_size, "fingerprint": fingerprint,
+                "embedding_dtype": opts.embedding_dtype, "model": model}
     _remove_partial_files(output)
+    previous = None if opts.overwrite else _previous_run(output)
+    _refuse_if_changed(output, previous, run_info, ("unit_size", "fingerprint", "embedding_dtype"))
     if opts.overwrite:
         _clear(output)
-    elif fs.exists(run_path):
-        previous = json.loads(fs.read_bytes(run_path))
-        changed = [k for k in ("listing", "unit_size", "fingerprint", "embedding_dtype") if previous.get(k) != run_info[k]]
-        if changed:
-            raise PlanError(f"{output} holds a run with a different {', '.join(changed)} "
-                            f"({', '.join(f'{k}: {previous.get(k)} -> {run_info[k]}' for k in changed)}); "
-                            "pass --overwrite to replace it, or choose another --output")
-    fs.write_bytes(run_path, json.dumps(run_info, ensure_ascii=False, indent=1).encode())
     done = _done_markers(output)
-    pending = [u for u in units if done.get(u.index, {}).get("key") != u.key]
-    _write_unit_files(output, pending)
+    digest, units, pending, to_write, buffered = ListingDigest(), [], [], [], 0
+    for unit in iter_units(iter_items(source), opts.unit_size):
+        digest.update(unit.items)
+        ref = UnitRef(unit.index, unit.key, len(unit.items))
+        units.append(ref)
+        if done.get(unit.index, {}).get("key") != unit.key:
+            pending.append(ref)
+            to_write.append(unit)
+            buffered += len(unit.items)
+            if buffered >= _UNIT_FILE_BATCH_ITEMS:
+                _write_unit_files(output, to_write)
+                to_write, buffered = [], 0
+    _write_unit_files(output, to_write)
+    run_info.update(listing=digest.hexdigest(), items=sum(u.size for u in units), units=len(units))
+    # A different listing is only known once it is read: the unit files just written then hold
+    # the new listing's units, which is harmless (the previous run's rerun rewrites its own).
+    _refuse_if_changed(output, previous, run_info, ("listing",))
+    fs.write_bytes(fs.join(output, RUN_FILE), json.dumps(run_info, ensure_ascii=False, indent=1).encode())
     return Plan(source, output, model, fingerprint, config, dim, units, pending, run_info)
 
 
@@ -184,7 +204,7 @@ def _write_unit_files(output: str, units: list[Unit]) -> None:
         return
     filesystem, root = fsspec.core.url_to_fs(output)
     filesystem.makedirs(f"{root.rstrip('/')}/{UNITS_DIR}", exist_ok=True)
-    # One call for all files: gcsfs uploads them concurrently.
+    # One call for many files: gcsfs uploads them concurrently.
     filesystem.pipe({fsspec.core.url_to_fs(_unit_file(output, u.index))[1]: unit_file_bytes(u) for u in units})
 
 
@@ -212,8 +232,7 @@ def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
     return (
         pipeline
         # Create reshuffles its elements: the units spread over the workers.
-        | "Units" >> beam.Create([(UnitRef(u.index, u.key, len(u.items)), _unit_file(p.output, u.index))
-                                  for u in p.pending])
+        | "Units" >> beam.Create([(ref, _unit_file(p.output, ref.index)) for ref in p.pending])
         | "Items" >> beam.FlatMap(_unit_items)
         | "Decode" >> beam.ParDo(DecodeItem(ImagePreprocessor.from_config(config, opts.max_pixels)))
         | "Embed" >> RunInference(handler)

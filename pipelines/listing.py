@@ -20,14 +20,18 @@ finds the same units, and the pipeline can skip the ones already done. `unit_fil
 """
 from __future__ import annotations
 
+import array
 import csv
 import hashlib
 import io
+import itertools
 import json
 import posixpath
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 
 from koclip import fs
 from koclip.data.manifest import resolve_uri
@@ -87,8 +91,8 @@ def _item(row: dict, where: str, manifest_path: str) -> Item:
                 resolve_uri(caption_uri, manifest_path) if caption_uri else None)
 
 
-def _jsonl_rows(data: bytes, path: str):
-    for lineno, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+def _jsonl_rows(lines: Iterable[str], path: str):
+    for lineno, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 yield json.loads(line), f"{path}:{lineno}"
@@ -96,8 +100,8 @@ def _jsonl_rows(data: bytes, path: str):
                 raise ListingError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
-def _csv_rows(data: bytes, path: str):
-    for lineno, row in enumerate(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))), start=2):
+def _csv_rows(lines: Iterable[str], path: str):
+    for lineno, row in enumerate(csv.DictReader(lines), start=2):
         for key in _CAPTION_KEYS:
             text = row.get(key)
             if text is not None and text.lstrip().startswith("["):
@@ -108,33 +112,59 @@ def _csv_rows(data: bytes, path: str):
         yield row, f"{path}:{lineno}"
 
 
-def _parquet_rows(data: bytes, path: str):
+def _parquet_rows(binary, path: str):
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data))
-    for number, row in enumerate(table.to_pylist(), start=1):
-        yield row, f"{path}: row {number}"
+    number = 0
+    for batch in pq.ParquetFile(binary).iter_batches(batch_size=10_000):
+        for row in batch.to_pylist():
+            number += 1
+            yield row, f"{path}: row {number}"
+
+
+def _id_hash(item_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _manifest_items(path: str) -> Iterator[tuple[Item, str]]:
+    lower = path.lower()
+    try:
+        with fsspec.open(path, "rb") as binary:
+            if lower.endswith(".parquet"):
+                rows = _parquet_rows(binary, path)
+            else:
+                text = io.TextIOWrapper(binary, encoding="utf-8-sig", newline="" if lower.endswith(".csv") else None)
+                rows = (_csv_rows if lower.endswith(".csv") else _jsonl_rows)(text, path)
+            for row, where in rows:
+                if not isinstance(row, dict):
+                    raise ListingError(f"{where}: not an object")
+                yield _item(row, where, path), where
+    except FileNotFoundError:
+        raise ListingError(f"input manifest not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ListingError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+def iter_manifest_items(path: str) -> Iterator[Item]:
+    """A manifest's items, streamed: memory holds one row, plus 8 bytes per id for the check
+    that ids are unique (a ListingError after the last row)."""
+    id_hashes = array.array("q")
+    for item, _ in _manifest_items(path):
+        id_hashes.append(_id_hash(item.id))
+        yield item
+    hashes = np.sort(np.frombuffer(id_hashes, dtype=np.int64))
+    repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if repeated:  # rare: read again to name the repeated id and both of its rows
+        first: dict[str, str] = {}
+        for item, where in _manifest_items(path):
+            if _id_hash(item.id) in repeated:
+                if item.id in first:
+                    raise ListingError(f"{where}: duplicate id {item.id!r} (first at {first[item.id]})")
+                first[item.id] = where
 
 
 def read_manifest_items(path: str) -> list[Item]:
-    try:
-        data = fs.read_bytes(path)
-    except FileNotFoundError:
-        raise ListingError(f"input manifest not found: {path}") from None
-    lower = path.lower()
-    rows = (_csv_rows if lower.endswith(".csv") else
-            _parquet_rows if lower.endswith(".parquet") else _jsonl_rows)(data, path)
-    items: list[Item] = []
-    seen: dict[str, str] = {}
-    for row, where in rows:
-        if not isinstance(row, dict):
-            raise ListingError(f"{where}: not an object")
-        item = _item(row, where, path)
-        if item.id in seen:
-            raise ListingError(f"{where}: duplicate id {item.id!r} (first at {seen[item.id]})")
-        seen[item.id] = where
-        items.append(item)
-    return items
+    return list(iter_manifest_items(path))
 
 
 def _glob(pattern: str) -> list[str]:
@@ -165,31 +195,58 @@ def list_images(source: str) -> list[Item]:
     return items
 
 
+def iter_items(source: str) -> Iterator[Item]:
+    """The input's items in listing order; a manifest is streamed (ListingError when empty)."""
+    if not source.lower().endswith(MANIFEST_EXTENSIONS):
+        yield from list_images(source)
+        return
+    empty = True
+    for item in iter_manifest_items(source):
+        empty = False
+        yield item
+    if empty:
+        raise ListingError(f"input manifest is empty: {source}")
+
+
 def list_items(source: str) -> list[Item]:
-    if source.lower().endswith(MANIFEST_EXTENSIONS):
-        items = read_manifest_items(source)
-        if not items:
-            raise ListingError(f"input manifest is empty: {source}")
-        return items
-    return list_images(source)
+    return list(iter_items(source))
 
 
-def listing_digest(items: list[Item]) -> str:
-    digest = hashlib.sha256()
-    for item in items:
-        digest.update(json.dumps([item.id, item.uri, item.captions, item.split, item.caption_uri],
-                                 ensure_ascii=False).encode())
-    return digest.hexdigest()[:16]
+class ListingDigest:
+    """A hash of items in order; `listing_digest` of a list, fed one item at a time."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def update(self, items: Iterable[Item]) -> None:
+        for item in items:
+            self._sha.update(json.dumps([item.id, item.uri, item.captions, item.split, item.caption_uri],
+                                        ensure_ascii=False).encode())
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()[:16]
+
+
+def listing_digest(items: Iterable[Item]) -> str:
+    digest = ListingDigest()
+    digest.update(items)
+    return digest.hexdigest()
+
+
+def iter_units(items: Iterable[Item], unit_size: int) -> Iterator[Unit]:
+    """Consecutive runs of `unit_size` items, keyed by their digest; streams."""
+    if unit_size < 1:
+        raise ListingError(f"--unit_size must be at least 1, got {unit_size}")
+    iterator = iter(items)
+    for index in itertools.count():
+        chunk = tuple(itertools.islice(iterator, unit_size))
+        if not chunk:
+            return
+        yield Unit(index, listing_digest(chunk), chunk)
 
 
 def make_units(items: list[Item], unit_size: int) -> list[Unit]:
-    if unit_size < 1:
-        raise ListingError(f"--unit_size must be at least 1, got {unit_size}")
-    units = []
-    for index, start in enumerate(range(0, len(items), unit_size)):
-        chunk = tuple(items[start:start + unit_size])
-        units.append(Unit(index, listing_digest(list(chunk)), chunk))
-    return units
+    return list(iter_units(items, unit_size))
 
 
 def unit_file_bytes(unit: Unit) -> bytes:

@@ -1,0 +1,77 @@
+"""The pipeline's listing: manifests streamed, their errors named by row, units cut as they come."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import embed
+from pipelines.listing import ListingError, iter_units, list_items, listing_digest, make_units
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"id": f"item-{i}", "image": f"images/{i:06d}.jpg", "captions": [f"{i}번째 사진"]} for i in range(n)]
+
+
+def _write(path, rows: list[dict]) -> str:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif path.suffix == ".csv":
+        lines = ["id,image,captions"] + [f'{r["id"]},{r["image"]},{r["captions"][0]}' for r in rows]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix, second", [(".jsonl", ":4"), (".csv", ":5"), (".parquet", ": row 4")])
+def test_a_repeated_id_names_both_rows(tmp_path, suffix, second):
+    rows = _rows(5)
+    rows[3]["id"] = rows[1]["id"]
+    path = _write(tmp_path / f"m{suffix}", rows)
+    with pytest.raises(ListingError, match=f"{second}: duplicate id 'item-1' \\(first at .*m{suffix}"):
+        list_items(path)
+
+
+def test_manifest_errors_are_one_line(tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"id": "a", "image": "a.jpg"}\n{"id": "b", \n', encoding="utf-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"id": "é", "image": "a.jpg"}\n'.encode("latin-1"))
+    no_image = _write(tmp_path / "noimage.jsonl", [{"id": "a", "captions": ["x"]}])
+    for path, message in [(bad_json, "bad.jsonl:2: not valid JSON"), (empty, "input manifest is empty"),
+                          (latin, "not UTF-8 text"), (no_image, "noimage.jsonl:1: missing 'image'"),
+                          (tmp_path / "missing.jsonl", "input manifest not found")]:
+        with pytest.raises(ListingError, match=message):
+            list_items(str(path))
+
+
+def test_units_are_cut_from_a_stream_as_from_a_list(tmp_path):
+    items = list_items(_write(tmp_path / "m.jsonl", _rows(23)))
+    streamed = list(iter_units(iter(items), 5))
+    assert streamed == make_units(items, 5)
+    assert [len(u.items) for u in streamed] == [5, 5, 5, 5, 3]
+    assert [u.key for u in streamed] == [listing_digest(items[i:i + 5]) for i in range(0, 23, 5)]
+
+
+def test_planning_holds_unit_references_not_items(tmp_path, tiny_ckpt_dir):
+    """The driver streams the listing: planning 100k items allocates far less than the items."""
+    manifest = _write(tmp_path / "big.jsonl", _rows(100_000))
+    tracemalloc.start()
+    items = list_items(manifest)
+    held = tracemalloc.get_traced_memory()[0]
+    del items
+    tracemalloc.reset_peak()
+    baseline = tracemalloc.get_traced_memory()[0]
+    opts, _ = embed.parse(["--input", manifest, "--output", str(tmp_path / "out"), "--model", tiny_ckpt_dir,
+                           "--unit_size", "1000"])
+    plan = embed.plan(opts)
+    peak = tracemalloc.get_traced_memory()[1] - baseline
+    tracemalloc.stop()
+    assert (len(plan.units), len(plan.pending), plan.run_info["items"]) == (100, 100, 100_000)
+    assert peak < held / 2, (peak, held)  # holding the items would take at least `held`
