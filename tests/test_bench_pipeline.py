@@ -11,16 +11,21 @@ def test_quick_run_writes_rows(tmp_path, monkeypatch, capsys):
     from bench import pipeline
 
     out = tmp_path / "pipeline.json"
-    assert pipeline.main(["--quick", "--sizes", "40,80", "--out", str(out)]) == 0
+    assert pipeline.main(["--quick", "--sizes", "40,80", "--repeat", "2", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     runs = [(r["run"], r["size"]) for r in data["rows"]]
-    assert runs == [("bare encoder", 40), ("pipeline", 40), ("pipeline", 80), ("bare encoder", 40)]
+    bare = ("bare encoder", 40)
+    assert runs == [bare, ("pipeline", 40), bare, ("pipeline", 80), bare, ("pipeline", 80), bare]
     for row in data["rows"]:
         assert row["embedded"] == row["items"] == row["size"]
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 0 and row["recompiles"] == 0
-    for row in data["rows"][1:3]:
-        assert 0 < row["startup_s"] < row["seconds"]
-    bare_rates = [r["items"] / r["seconds"] for r in data["rows"] if r["run"] == "bare encoder"]
-    assert min(bare_rates) <= data["bare_items_per_s_mean"] <= max(bare_rates)
+    rates = [r["items"] / r["seconds"] for r in data["rows"]]
+    for i, row in enumerate(data["rows"]):
+        if row["run"] == "pipeline":  # compared with the mean of the bare runs just before and after it
+            assert 0 < row["startup_s"] < row["seconds"]
+            assert row["bare_items_per_s"] == (rates[i - 1] + rates[i + 1]) / 2
+    summary = data["largest_pct_of_bare"]
+    assert summary["lowest"] <= summary["median"] <= summary["highest"]
+    assert sorted([summary["lowest"], summary["highest"]]) == sorted(r["pct_of_bare"] for r in data["rows"][3::2])
     assert data["peak_rss_ratio"] > 0
-    assert "pipeline throughput at 80 items" in capsys.readouterr().out
+    assert "pipeline throughput at 80 items, 2 runs: median" in capsys.readouterr().out
