@@ -353,14 +353,22 @@ TOKENIZER_TEXTS = ["빨간 사과", "웃는 얼굴 이모지", "키 캡 #", "Hel
                    "강아지 " * 40, "", "🍎 사과 🍏", "中文 日本語 한국어"]
 
 
-@pytest.mark.parametrize("source", ["shipped-korean", "trained-wordpiece"])
+@pytest.mark.parametrize("source", ["shipped-korean", "trained-wordpiece", "memory-url"])
 def test_json_tokenizer_gives_the_transformers_ids(source, tmp_path):
     pytest.importorskip("transformers")
     from koclip.processing import JsonTokenizer, load_encoding_tokenizer
     from koclip.vocab import train_wordpiece
 
+    from jobs.presets import SHIPPED_KOREAN_VOCAB
+
     if source == "shipped-korean":
-        from jobs.presets import SHIPPED_KOREAN_VOCAB as folder
+        folder = SHIPPED_KOREAN_VOCAB
+    elif source == "memory-url":  # as a gs:// checkpoint is read
+        fsspec = pytest.importorskip("fsspec")
+        folder = f"memory://koclip-test-{uuid.uuid4().hex}/tokenizer"
+        for name in os.listdir(SHIPPED_KOREAN_VOCAB):
+            with open(os.path.join(SHIPPED_KOREAN_VOCAB, name), "rb") as f:
+                fsspec.filesystem("memory").pipe(f"{folder[len('memory://'):]}/{name}", f.read())
     else:
         folder = str(tmp_path / "wordpiece")
         train_wordpiece(TOKENIZER_TEXTS * 3, vocab_size=120).save_pretrained(folder)
