@@ -121,7 +121,7 @@ def _clear(output: str) -> None:
     for path in filesystem.glob(f"{root}/shard-*.parquet") + [f"{root}/{RUN_FILE}"]:
         if filesystem.exists(path):
             filesystem.rm(path)
-    for folder in (DONE_DIR, DEAD_LETTER_DIR, UNITS_DIR):
+    for folder in (DONE_DIR, DEAD_LETTER_DIR):  # not _units/: this run has just written its unit files
         if filesystem.exists(f"{root}/{folder}"):
             filesystem.rm(f"{root}/{folder}", recursive=True)
 
@@ -169,9 +169,7 @@ def plan(opts: EmbedOptions) -> Plan:
     _remove_partial_files(output)
     previous = None if opts.overwrite else _previous_run(output)
     _refuse_if_changed(output, previous, run_info, ("unit_size", "fingerprint", "embedding_dtype"))
-    if opts.overwrite:
-        _clear(output)
-    done = _done_markers(output)
+    done = {} if opts.overwrite else _done_markers(output)
     digest, units, pending, to_write, buffered = ListingDigest(), [], [], [], 0
     for unit in iter_units(iter_items(source), opts.unit_size):
         digest.update(unit.items)
@@ -189,6 +187,8 @@ def plan(opts: EmbedOptions) -> Plan:
     # A different listing is only known once it is read: the unit files just written then hold
     # the new listing's units, which is harmless (the previous run's rerun rewrites its own).
     _refuse_if_changed(output, previous, run_info, ("listing",))
+    if opts.overwrite:
+        _clear(output)  # only once the listing has been read whole: a bad listing keeps the old results
     fs.write_bytes(fs.join(output, RUN_FILE), json.dumps(run_info, ensure_ascii=False, indent=1).encode())
     return Plan(source, output, model, fingerprint, config, dim, units, pending, run_info)
 

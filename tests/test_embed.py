@@ -15,7 +15,7 @@ from koclip.checkpoint import load_checkpoint
 from koclip.encoders import checkpoint_encoders
 from koclip.processing import ImagePreprocessor
 from pipelines import embed
-from pipelines.listing import list_items
+from pipelines.listing import ListingError, list_items
 from pipelines.transforms.write import read_dead_letters
 from tests.corpus import write_corpus, write_manifest
 
@@ -129,6 +129,19 @@ def test_rerun_skips_finished_units_and_overwrite_redoes_them(corpus, corpus_run
 
     with pytest.raises(embed.PlanError, match="different unit_size"):
         embed.run(args[:-4] + ["--unit_size", "6", "--batch_size", "4"])
+
+    # --overwrite with a listing that turns out bad on its last row keeps the previous results.
+    def results():
+        return (sorted(f for f in os.listdir(output) if f.startswith("shard-")),
+                sorted(os.listdir(os.path.join(output, "_done"))), open(os.path.join(output, "_run.json")).read())
+
+    before = results()
+    lines = open(manifest, encoding="utf-8").read().splitlines()
+    bad = tmp_path / "repeats-an-id.jsonl"
+    bad.write_text("\n".join(lines + [lines[0]]) + "\n", encoding="utf-8")
+    with pytest.raises(ListingError, match="duplicate id"):
+        embed.run(["--input", str(bad)] + args[2:] + ["--overwrite"])
+    assert results() == before
 
 
 def test_bfloat16_compute_and_float16_storage(corpus, tiny_ckpt_dir, corpus_run, tmp_path):
