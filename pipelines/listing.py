@@ -163,9 +163,6 @@ def iter_manifest_items(path: str) -> Iterator[Item]:
                 first[item.id] = where
 
 
-def read_manifest_items(path: str) -> list[Item]:
-    return list(iter_manifest_items(path))
-
 
 def _glob(pattern: str) -> list[str]:
     filesystem, fs_path = fsspec.core.url_to_fs(pattern)
@@ -212,6 +209,12 @@ def list_items(source: str) -> list[Item]:
     return list(iter_items(source))
 
 
+def _item_record(item: Item) -> bytes:
+    """An item as the listing digest hashes it and a unit file stores it (one JSON array)."""
+    return json.dumps([item.id, item.uri, list(item.captions), item.split, item.caption_uri],
+                      ensure_ascii=False).encode()
+
+
 class ListingDigest:
     """A hash of items in order; `listing_digest` of a list, fed one item at a time."""
 
@@ -220,8 +223,7 @@ class ListingDigest:
 
     def update(self, items: Iterable[Item]) -> None:
         for item in items:
-            self._sha.update(json.dumps([item.id, item.uri, item.captions, item.split, item.caption_uri],
-                                        ensure_ascii=False).encode())
+            self._sha.update(_item_record(item))
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()[:16]
@@ -245,22 +247,17 @@ def iter_units(items: Iterable[Item], unit_size: int) -> Iterator[Unit]:
         yield Unit(index, listing_digest(chunk), chunk)
 
 
-def make_units(items: list[Item], unit_size: int) -> list[Unit]:
-    return list(iter_units(items, unit_size))
-
-
 def unit_file_bytes(unit: Unit) -> bytes:
-    """A unit's items as JSONL, one item per line (what `read_unit_file` reads back)."""
-    return b"".join(json.dumps({"id": i.id, "uri": i.uri, "captions": list(i.captions), "split": i.split,
-                                "caption_uri": i.caption_uri}, ensure_ascii=False).encode() + b"\n"
-                    for i in unit.items)
+    """A unit's items, one `_item_record` per line (what `read_unit_file` reads back)."""
+    return b"".join(_item_record(item) + b"\n" for item in unit.items)
 
 
 def read_unit_file(path: str, index: int, key: str) -> Unit:
     """The unit written to `path`; a ListingError unless its items still hash to `key`."""
     rows = [json.loads(line) for line in fs.read_bytes(path).splitlines() if line.strip()]
-    items = tuple(Item(r["id"], r["uri"], tuple(r["captions"]), r["split"], r["caption_uri"]) for r in rows)
-    if listing_digest(list(items)) != key:
-        raise ListingError(f"{path} no longer holds unit {index} (its items hash to "
-                           f"{listing_digest(list(items))}, expected {key}); rerun to rewrite it")
+    items = tuple(Item(id_, uri, tuple(captions), split, caption_uri) for id_, uri, captions, split, caption_uri in rows)
+    found = listing_digest(items)
+    if found != key:
+        raise ListingError(f"{path} no longer holds unit {index} (its items hash to {found}, expected {key}); "
+                           "rerun to rewrite it")
     return Unit(index, key, items)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import embed
-from pipelines.listing import ListingError, iter_units, list_items, listing_digest, make_units
+from pipelines.listing import ListingError, iter_units, list_items, listing_digest
 
 
 def _rows(n: int) -> list[dict]:
@@ -51,10 +51,11 @@ def test_manifest_errors_are_one_line(tmp_path):
             list_items(str(path))
 
 
-def test_units_are_cut_from_a_stream_as_from_a_list(tmp_path):
+def test_units_are_cut_from_a_stream_in_order(tmp_path):
     items = list_items(_write(tmp_path / "m.jsonl", _rows(23)))
     streamed = list(iter_units(iter(items), 5))
-    assert streamed == make_units(items, 5)
+    assert [u.index for u in streamed] == [0, 1, 2, 3, 4]
+    assert [u.items for u in streamed] == [tuple(items[i:i + 5]) for i in range(0, 23, 5)]
     assert [len(u.items) for u in streamed] == [5, 5, 5, 5, 3]
     assert [u.key for u in streamed] == [listing_digest(items[i:i + 5]) for i in range(0, 23, 5)]
 
