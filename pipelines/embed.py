@@ -121,9 +121,16 @@ def _clear(output: str) -> None:
     for path in filesystem.glob(f"{root}/shard-*.parquet") + [f"{root}/{RUN_FILE}"]:
         if filesystem.exists(path):
             filesystem.rm(path)
-    for folder in (DONE_DIR, DEAD_LETTER_DIR):  # not _units/: this run has just written its unit files
-        if filesystem.exists(f"{root}/{folder}"):
-            filesystem.rm(f"{root}/{folder}", recursive=True)
+    _remove_folders(output, DONE_DIR, DEAD_LETTER_DIR)  # not _units/: this run has just written its unit files
+
+
+def _remove_folders(output: str, *names: str) -> None:
+    import fsspec
+
+    filesystem, root = fsspec.core.url_to_fs(output)
+    for name in names:
+        if filesystem.exists(f"{root.rstrip('/')}/{name}"):
+            filesystem.rm(f"{root.rstrip('/')}/{name}", recursive=True)
 
 
 def _remove_partial_files(output: str) -> None:
@@ -206,14 +213,6 @@ def _write_unit_files(output: str, units: list[Unit]) -> None:
     filesystem.makedirs(f"{root.rstrip('/')}/{UNITS_DIR}", exist_ok=True)
     # One call for many files: gcsfs uploads them concurrently.
     filesystem.pipe({fsspec.core.url_to_fs(_unit_file(output, u.index))[1]: unit_file_bytes(u) for u in units})
-
-
-def _remove_unit_files(output: str) -> None:
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(output)
-    if filesystem.exists(f"{root.rstrip('/')}/{UNITS_DIR}"):
-        filesystem.rm(f"{root.rstrip('/')}/{UNITS_DIR}", recursive=True)
 
 
 def _unit_items(element: tuple[UnitRef, str]):
@@ -300,7 +299,7 @@ def run(argv: list[str] | None = None) -> EmbedResult:
     finished = [markers[u.index] for u in p.units if markers.get(u.index, {}).get("key") == u.key]
     if len(finished) != len(p.units):
         raise RuntimeError(f"{len(p.units) - len(finished)} units were not written; rerun to finish them")
-    _remove_unit_files(p.output)
+    _remove_folders(p.output, UNITS_DIR)
     return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), len(p.pending), _totals(finished),
                        this_run, time.perf_counter() - started)
 
