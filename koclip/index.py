@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -216,16 +217,29 @@ def write_and_publish(root: str, version: str, index: faiss.Index, rows: pa.Tabl
                       trained: faiss.Index | None, keep: int,
                       before_publish: Callable[[str], None] | None) -> BuildResult:
     """Write the version folder, run the hook, flip CURRENT; on any failure remove the folder."""
-    folder = fs.join(root, "versions", version)
-    try:
+    with removed_on_failure(root, version):
         write_version(root, version, index, rows, meta, trained)
-        if before_publish is not None:
-            before_publish(folder)
-        deleted = publish(root, version, keep)
+        deleted = publish_written(root, version, keep, before_publish)
+    return BuildResult(root, version, meta, True, deleted)
+
+
+@contextmanager
+def removed_on_failure(root: str, version: str):
+    """Around the building of versions/<version>: any failure inside removes the folder (`discard`)."""
+    try:
+        yield
     except BaseException:
         discard(root, version)
         raise
-    return BuildResult(root, version, meta, True, tuple(deleted))
+
+
+def publish_written(root: str, version: str, keep: int,
+                    before_publish: Callable[[str], None] | None) -> tuple[str, ...]:
+    """versions/<version> is complete: run the before_publish hook on it, then flip CURRENT (keeping
+    `keep` versions). Returns the versions pruned."""
+    if before_publish is not None:
+        before_publish(fs.join(root, "versions", version))
+    return tuple(publish(root, version, keep))
 
 
 def discard(root: str, version: str) -> None:

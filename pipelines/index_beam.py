@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import apache_beam as beam
 import faiss
@@ -49,9 +50,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from koclip import fs
 from koclip.index import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, BuildResult,
-                          IndexBuildError, ROWS_SCHEMA, choose_index, discard, make_meta, new_version,
-                          parse_memory, plan_of, publish, query_rows, read_index_file, read_shard, remove_tree,
-                          train, train_rows, tune)
+                          IndexBuildError, ROWS_SCHEMA, choose_index, make_meta, new_version,
+                          parse_memory, plan_of, publish_written, query_rows, read_index_file, read_shard, remove_tree,
+                          removed_on_failure, train, train_rows, tune)
 from koclip.index_faiss import _ivf_part, add_truth, add_vectors
 from koclip.index_folder import write_meta
 from koclip.store import Store, open_store
@@ -191,8 +192,7 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
     folder = fs.join(out, "versions", version)
     work = fs.join(folder, "_work")
     remote_out = "://" in out  # then merge in a local temporary folder and upload the result
-    local = tempfile.mkdtemp(prefix="koclip-merge-") if remote_out else folder
-    try:
+    with removed_on_failure(out, version), _merge_folder(folder, remote_out) as local:
         counts = count_rows(store, column)
         n = sum(counts)
         if not n:
@@ -247,13 +247,19 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
                          target_recall=target_recall, max_memory=budget, build_seconds=time.perf_counter() - started,
                          index_bytes=index_bytes, layout="ondisk", kind_requested="ivfpq", shards=len(elements))
         write_meta(folder, meta)
-        if before_publish is not None:
-            before_publish(folder)
-        deleted = publish(out, version, keep)
-    except BaseException:
-        discard(out, version)
-        raise
+        deleted = publish_written(out, version, keep, before_publish)
+    return BuildResult(out, version, meta, True, deleted)
+
+
+@contextmanager
+def _merge_folder(folder: str, remote: bool):
+    """Where the inverted lists are merged: the version folder itself, or for a remote output a
+    local temporary folder, removed afterwards."""
+    if not remote:
+        yield folder
+        return
+    local = tempfile.mkdtemp(prefix="koclip-merge-")
+    try:
+        yield local
     finally:
-        if remote_out:
-            shutil.rmtree(local, ignore_errors=True)
-    return BuildResult(out, version, meta, True, tuple(deleted))
+        shutil.rmtree(local, ignore_errors=True)
