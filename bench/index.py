@@ -2,7 +2,7 @@
 
 One run builds, on the same N x D vectors, each index type koclip.index can choose (exact flat,
 HNSW, OPQ+IVF-PQ, each forced, with the parameters choose_index picks for N, D and --max-memory)
-the way build_index does (koclip.index_faiss.build_and_tune: --queries corpus rows held out of the
+the way build_index does (koclip.index.build_and_tune: --queries corpus rows held out of the
 index while the search parameter is tuned to --target-recall, then added) and measures:
 
   build_s        training (ivfpq), adding the vectors and tuning, wall seconds;
@@ -47,7 +47,9 @@ import faiss
 import numpy as np
 
 from bench.common import cpu_snapshot, load_average, machine_info, other_load, print_table, write_json
-from koclip import index_faiss as kf
+from koclip.index.faiss_ops import exact_neighbours
+from koclip.index.plan import DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, choose_index, parse_memory
+from koclip.index.tuning import build_and_tune, holdout_order, query_rows, recall_at_k, set_search_params, tune
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "index.json"
 
@@ -105,8 +107,8 @@ def latencies_ms(index: faiss.Index, queries: np.ndarray, threads: int, k: int =
 
 def evaluate(index: faiss.Index, params: dict, held_out: np.ndarray, held_truth: np.ndarray, args) -> dict:
     """Held-out recall@10 and single-query latency with `params` set."""
-    kf.set_search_params(index, params)
-    recall = kf.recall_at_k(index.search(held_out, kf.RECALL_K)[1], held_truth)
+    set_search_params(index, params)
+    recall = recall_at_k(index.search(held_out, RECALL_K)[1], held_truth)
     lat = latencies_ms(index, held_out[:args.latency_queries], args.latency_threads)
     return {"params": params, "recall_held_out": round(recall, 4), "p50_ms": round(float(np.percentile(lat, 50)), 3),
             "p99_ms": round(float(np.percentile(lat, 99)), 3), "latency_queries": len(lat)}
@@ -114,14 +116,14 @@ def evaluate(index: faiss.Index, params: dict, held_out: np.ndarray, held_truth:
 
 def measure(kind: str, vectors: np.ndarray, args, held_out_rows, held_out, held_truth, held_tune,
             held_tune_truth) -> list[dict]:
-    """One row with koclip's own build and tuning (koclip.index_faiss.build_and_tune: corpus rows held
+    """One row with koclip's own build and tuning (koclip.index.build_and_tune: corpus rows held
     out, then added); for hnsw and ivfpq a second row tuned on fresh vectors instead. The truths
     are row numbers of the index (its holdout order)."""
-    plan = kf.choose_index(len(vectors), vectors.shape[1], args.max_memory, kind)
+    plan = choose_index(len(vectors), vectors.shape[1], args.max_memory, kind)
     print(f"[{kind}] building {plan.factory} ...", flush=True)
     before = reset_peak_rss()
     start = time.perf_counter()
-    index, _, tuning, _ = kf.build_and_tune(plan, vectors, held_out_rows, args.target_recall, args.seed)
+    index, _, tuning, _ = build_and_tune(plan, vectors, held_out_rows, args.target_recall, args.seed)
     build_s = time.perf_counter() - start
     peak = _status_kb("VmHWM")
     size = len(faiss.serialize_index(index))
@@ -132,7 +134,7 @@ def measure(kind: str, vectors: np.ndarray, args, held_out_rows, held_out, held_
     rows = [{**common, "tuned_on": "corpus rows (koclip)", "recall_tuning": round(tuning.recall, 4),
              "target_reached": tuning.reached, **evaluate(index, tuning.params, held_out, held_truth, args)}]
     if kind != "flat":
-        tuning = kf.tune(index, held_tune, held_tune_truth, args.target_recall)
+        tuning = tune(index, held_tune, held_tune_truth, args.target_recall)
         rows.append({**common, "tuned_on": "fresh vectors", "recall_tuning": round(tuning.recall, 4),
                      "target_reached": tuning.reached, **evaluate(index, tuning.params, held_out, held_truth, args)})
     del index
@@ -150,15 +152,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--dim", type=int, default=512, help="dimension (default: 512)")
     parser.add_argument("--kinds", default="flat,hnsw,ivfpq", help="comma-separated index types")
     parser.add_argument("--max-memory", default="4GB", help="budget for choose_index (default: 4GB)")
-    parser.add_argument("--target-recall", type=float, default=kf.DEFAULT_TARGET_RECALL)
-    parser.add_argument("--queries", type=int, default=kf.DEFAULT_QUERIES, help="tuning queries (corpus rows)")
+    parser.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL)
+    parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help="tuning queries (corpus rows)")
     parser.add_argument("--held-out", type=int, default=1000, help="fresh vectors for the held-out recall")
     parser.add_argument("--latency-queries", type=int, default=200, help="of those, searched one at a time")
     parser.add_argument("--latency-threads", type=int, default=1, help="FAISS threads for single queries")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"JSON output (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
-    args.max_memory = kf.parse_memory(args.max_memory)
+    args.max_memory = parse_memory(args.max_memory)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if "flat" not in kinds:
         kinds.insert(0, "flat")  # the baseline every speed-up is relative to
@@ -169,12 +171,12 @@ def main(argv=None) -> dict:
     held_out = clustered_vectors(args.held_out, args.dim, seed=args.seed + 1000)
     held_tune = clustered_vectors(args.queries, args.dim, seed=args.seed + 2000)
     generate_s = time.perf_counter() - start
-    held_out_rows = kf.query_rows(args.n, args.queries, args.seed)
+    held_out_rows = query_rows(args.n, args.queries, args.seed)
     index_row = np.empty(args.n, np.int64)
-    index_row[kf.holdout_order(args.n, held_out_rows)] = np.arange(args.n)  # store row -> index row
+    index_row[holdout_order(args.n, held_out_rows)] = np.arange(args.n)  # store row -> index row
     start = time.perf_counter()
-    held_truth = index_row[kf.exact_neighbours(held_out, vectors)]
-    held_tune_truth = index_row[kf.exact_neighbours(held_tune, vectors)]
+    held_truth = index_row[exact_neighbours(held_out, vectors)]
+    held_tune_truth = index_row[exact_neighbours(held_tune, vectors)]
     truth_s = time.perf_counter() - start
     print(f"{args.n} x {args.dim} vectors in {generate_s:.1f}s; exact neighbours of "
           f"{len(held_out) + len(held_tune)} fresh queries in {truth_s:.1f}s", flush=True)

@@ -49,7 +49,7 @@ def _write_manifest(path: str, size: int) -> str:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(size):
             r = records[i % len(records)]
-            f.write(json.dumps({"id": f"{r.id}~{i // len(records)}", "image": r.image, "captions": r.captions},
+            f.write(json.dumps({"id": f"{r.id}~{i // len(records)}", "image": r.uri, "captions": r.captions},
                                ensure_ascii=False) + "\n")
     return path
 
@@ -82,7 +82,7 @@ def _worker_bare(args) -> dict:
     records = read_manifest(args.manifest)
     preprocess = ImagePreprocessor.from_config(ckpt.config)
     cache: dict[str, np.ndarray] = {}
-    pixels = [cache.setdefault(r.image, preprocess(r.image)) if r.image not in cache else cache[r.image]
+    pixels = [cache.setdefault(r.uri, preprocess(r.uri)) if r.uri not in cache else cache[r.uri]
               for r in records]
     started = time.perf_counter()
     for start in range(0, len(records), args.batch_size):
@@ -104,7 +104,7 @@ def _measure(kind: str, manifest: str, output: str, args) -> dict:
 
 
 def _quick_model(folder: str) -> str:
-    from koclip.cli import main as koclip_cli
+    from koclip.cli.main import main as koclip_cli
 
     path = os.path.join(folder, "tiny-model")
     if koclip_cli(["init", path, "--tiny", "tiny-bert-vit"]) != 0:

@@ -20,6 +20,7 @@ import sys
 import time
 
 from jobs.presets import PRESETS
+from koclip.cli import ArgumentParser, run_cli
 
 RUNS = (
     ("a", "demo", "clip-italian recipe: frozen warmup, AdaBelief+AGC+cosine, fixed scale 20"),
@@ -73,21 +74,24 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.ablation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m jobs.ablation", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--retrain", action="store_true", help="train every run again")
     parser.add_argument("--only", choices=[k for k, _, _ in RUNS], nargs="+", help="runs to include")
     parser.add_argument("--out", default="docs/results/ablation", help="writes OUT.md and OUT.json")
     args = parser.parse_args(argv)
-    rows = [(key, run(name, args.retrain)) for key, name, _ in RUNS if not args.only or key in args.only]
-    text = table(rows)
-    print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({key: row for key, row in rows}, f, indent=2)
-    return 0
+
+    def report():
+        rows = [(key, run(name, args.retrain)) for key, name, _ in RUNS if not args.only or key in args.only]
+        text = table(rows)
+        print(text)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".md", "w") as f:
+            f.write(text + "\n")
+        with open(args.out + ".json", "w") as f:
+            json.dump({key: row for key, row in rows}, f, indent=2)
+
+    return run_cli("jobs.ablation", report)
 
 
 if __name__ == "__main__":

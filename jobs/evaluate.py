@@ -29,17 +29,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from koclip import metrics
+from koclip.cli import ArgumentParser, run_cli
 from koclip.encoders import Encoders, checkpoint_encoders  # noqa: F401  (re-exported)
+from koclip.errors import KoclipError
+from koclip.query.prompts import DEFAULT_TEMPLATE, check_template, prompts
 
 log = logging.getLogger("jobs.evaluate")
 
-DEFAULT_TEMPLATE = "이것은 {} 이다."
 DEFAULT_KS = (1, 5, 10)
 ZERO_SHOT_KS = (1, 5)
 RANDOM_BASELINE_K = 10
 
 
-class EvaluationError(ValueError):
+class EvaluationError(KoclipError):
     """Inputs that cannot be evaluated (an empty split, no decodable image, a bad template)."""
 
 
@@ -64,11 +66,11 @@ def _embed_images(records, preprocess, encode: Callable, batch_size: int, progre
 
     for position, record in enumerate(tqdm(records, desc="images", unit="img", disable=not progress)):
         try:
-            pixels.append(preprocess(record.image))
+            pixels.append(preprocess(record.uri))
         except ImageDecodeError as e:
-            skipped.append({"id": record.id, "image": record.image, "reason": e.reason, "message": e.message})
+            skipped.append({"id": record.id, "image": record.uri, "reason": e.reason, "message": e.message})
         except Exception as e:  # bad input is never fatal: any other failure is its own reason
-            skipped.append({"id": record.id, "image": record.image, "reason": "preprocess_failed",
+            skipped.append({"id": record.id, "image": record.uri, "reason": "preprocess_failed",
                             "message": f"{type(e).__name__}: {e}"})
         else:
             kept.append(position)
@@ -96,7 +98,7 @@ def evaluate(checkpoint, records: Sequence, *, batch_size: int = 32, template: s
 
     checkpoint: a koclip.checkpoint.Checkpoint or a checkpoint path; its config gives the image
         preprocessing, and unless `encoders` is given, its model embeds images and texts.
-    records: objects with .id, .image (path or URL) and .captions (list of str), e.g. from
+    records: objects with .id, .uri (path or URL) and .captions (strings), e.g. from
         koclip.data.manifest.read_manifest(path, split=...).
     encoders: replaces the checkpoint's model (tests, or a caller with its own encode functions).
 
@@ -109,8 +111,7 @@ def evaluate(checkpoint, records: Sequence, *, batch_size: int = 32, template: s
     from koclip.processing import ImagePreprocessor
 
     started = time.perf_counter()
-    if "{}" not in template:
-        raise EvaluationError(f"the prompt template must contain '{{}}' for the label, got {template!r}")
+    check_template(template)
     ks = sorted({int(k) for k in ks})
     zero_shot_ks = sorted({int(k) for k in zero_shot_ks})
     if batch_size < 1 or not ks or not zero_shot_ks or min(ks + zero_shot_ks) < 1:
@@ -144,7 +145,7 @@ def evaluate(checkpoint, records: Sequence, *, batch_size: int = 32, template: s
 
     log.info("embedding %d captions and %d label prompts", len(captions), len(labels))
     text_emb = np.asarray(encoders.texts(captions), dtype=np.float32)
-    prompt_emb = np.asarray(encoders.texts([template.format(label) for label in labels]), dtype=np.float32)
+    prompt_emb = np.asarray(encoders.texts(prompts(template, labels)), dtype=np.float32)
 
     t2i = metrics.first_relevant_ranks(metrics.DotProductSimilarity(text_emb, image_emb), caption_images)
     i2t = metrics.first_relevant_ranks(metrics.DotProductSimilarity(image_emb, text_emb), image_captions)
@@ -231,8 +232,8 @@ def _write_json(path: str, data: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from koclip.data.manifest import SPLITS
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local or gs://)")
     parser.add_argument("--manifest", required=True, help="manifest JSONL (local or gs://)")
     parser.add_argument("--split", default="test", choices=[*SPLITS, "all"],
@@ -252,12 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from koclip.checkpoint import CheckpointError, load_checkpoint, require_dir
-    from koclip.config import ConfigError
+    from koclip.checkpoint import load_checkpoint, require_dir
+    from koclip.data.manifest import read_manifest
 
-    from koclip.data.manifest import ManifestError, read_manifest
-
-    try:
+    def run():
         require_dir(args.checkpoint)
         split = None if args.split == "all" else args.split
         records = read_manifest(args.manifest, split=split)
@@ -266,14 +265,12 @@ def main(argv=None) -> int:
         ckpt = load_checkpoint(args.checkpoint)
         result = evaluate(ckpt, records, batch_size=args.batch_size, template=args.template, ks=args.k,
                           dtype=args.dtype, progress=not args.no_progress and sys.stderr.isatty())
-    except (FileNotFoundError, CheckpointError, ConfigError, ManifestError, EvaluationError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    result = {"manifest": args.manifest, "split": args.split, **result}
-    print(format_table(result))
-    _write_json(args.out, result)
-    print(f"wrote {args.out}")
-    return 0
+        result = {"manifest": args.manifest, "split": args.split, **result}
+        print(format_table(result))
+        _write_json(args.out, result)
+        print(f"wrote {args.out}")
+
+    return run_cli("jobs.evaluate", run)
 
 
 if __name__ == "__main__":

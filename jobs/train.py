@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import re
@@ -33,6 +34,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jobs.presets import PRESETS, Phase, TrainConfig
 from koclip import checkpoint, fs
+from koclip.cli import ArgumentParser, run_cli
+from koclip.errors import UsageError
 from koclip.modeling import KoCLIP
 from koclip.modeling.parallel import data_mesh, replicate, shard_rows
 
@@ -59,14 +62,14 @@ def make_optimizer(cfg: TrainConfig, phase: Phase) -> optax.GradientTransformati
         )
     if cfg.optimizer == "adamw":
         return optax.adamw(schedule, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer {cfg.optimizer!r} is not 'adabelief' or 'adamw'")
+    raise UsageError(f"optimizer {cfg.optimizer!r} is not 'adabelief' or 'adamw'")
 
 
 def trainable_names(params_flat: dict, phase: Phase, fixed_scale: bool) -> list[str]:
     pattern = re.compile(phase.trainable)
     names = [k for k in params_flat if pattern.search(k) and not (fixed_scale and k == "logit_scale")]
     if not names:
-        raise ValueError(f"phase regex {phase.trainable!r} matches no parameter")
+        raise UsageError(f"phase regex {phase.trainable!r} matches no parameter")
     return sorted(names)
 
 
@@ -151,8 +154,9 @@ def plot_curves(metrics: list[dict], path: str) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    with __import__("fsspec").open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    fs.write_bytes(path, buffer.getvalue())
     plt.close(fig)
 
 
@@ -184,7 +188,7 @@ def check_same_run(saved: dict, cfg: TrainConfig) -> None:
     now = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as saved
     differ = sorted(k for k in now if k != "out" and saved.get(k) != now[k])
     if differ:
-        raise ValueError(f"cannot resume {cfg.out} with a different config: {', '.join(differ)} changed")
+        raise UsageError(f"cannot resume {cfg.out} with a different config: {', '.join(differ)} changed")
 
 
 def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool = False,
@@ -206,7 +210,7 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
         log.info("resuming %s at step %d", cfg.out, start_step)
     else:
         if source is None:
-            raise ValueError("no model to start from: give --init DIR or a preset that builds one")
+            raise UsageError("no model to start from: give --init DIR or a preset that builds one")
         ckpt = source
     config, tokenizer = ckpt.config, ckpt.tokenizer()
     config_path = fs.join(cfg.out, "train_config.json")
@@ -218,7 +222,7 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
     model = KoCLIP(config, cfg.dtype)
     mesh = data_mesh()
     if cfg.batch_size % mesh.size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of the {mesh.size} devices")
+        raise UsageError(f"batch_size {cfg.batch_size} is not a multiple of the {mesh.size} devices")
     batches = PairBatches(train_records, config, tokenizer, cfg.batch_size, cfg.seed, cfg.augment,
                           cache_images=cfg.cache_images)
     eval_every = cfg.eval_every or batches.steps_per_epoch
@@ -280,19 +284,24 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or name not in fields or name == "phases":
-            raise ValueError(f"--set {pair!r}: expected NAME=VALUE with NAME one of "
+            raise UsageError(f"--set {pair!r}: expected NAME=VALUE with NAME one of "
                              f"{sorted(n for n in fields if n != 'phases')}")
         current = getattr(cfg, name)
         if isinstance(current, bool):
             changes[name] = value.lower() in ("1", "true", "yes")
+        elif current is None:
+            changes[name] = value
         else:
-            changes[name] = type(current)(value) if current is not None else value
+            try:
+                changes[name] = type(current)(value)
+            except ValueError:
+                raise UsageError(f"--set {pair!r}: {name} takes a {type(current).__name__}") from None
     return dataclasses.replace(cfg, **changes)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m jobs.train", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="recipe (default: demo)")
     parser.add_argument("--init", help="checkpoint to fine-tune (default: what the preset builds)")
     parser.add_argument("--manifest", help="JSONL manifest with splits (default: the preset's)")
@@ -305,11 +314,9 @@ def main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from koclip.config import ConfigError
-    from koclip.data.manifest import ManifestError
-
     preset = PRESETS[args.preset]
-    try:
+
+    def run():
         cfg = preset.config()
         cfg = dataclasses.replace(cfg, manifest=args.manifest or cfg.manifest, out=args.out or cfg.out)
         cfg = apply_overrides(cfg, args.set)
@@ -319,11 +326,9 @@ def main(argv=None) -> int:
         if not args.resume:
             source = checkpoint.load_checkpoint(args.init) if args.init else preset.build_model(cfg)
         result = train(cfg, source, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, ConfigError, ManifestError, checkpoint.CheckpointError) as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
-    print(f"trained to step {result['step']} (loss {result['loss']}); model in {cfg.out}")
-    return 0
+        print(f"trained to step {result['step']} (loss {result['loss']}); model in {cfg.out}")
+
+    return run_cli("jobs.train", run)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from PIL import Image
 
 from koclip.augment import AugmentConfig, augment
 from koclip.config import HybridCLIPConfig
+from koclip.errors import ManifestError, UsageError
 from koclip.processing import ImageDecodeError, open_image, preprocess_image, tokenize
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ class PairBatches:
                  augment_images: bool = True, augment_config: AugmentConfig = AugmentConfig(),
                  cache_images: bool = False, workers: int = 4):
         if len(records) < batch_size:
-            raise ValueError(f"{len(records)} training pairs is fewer than one batch of {batch_size}")
+            raise UsageError(f"{len(records)} training pairs is fewer than one batch of {batch_size}; "
+                             "lower it with --set batch_size=N")
         self.records = records
         self.config = config
         self.tokenizer = tokenizer
@@ -52,12 +54,12 @@ class PairBatches:
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         try:
-            image = open_image(self.records[index].image)
+            image = open_image(self.records[index].uri)
         except ImageDecodeError as e:
             with self._lock:
                 if index not in self.failed:
                     self.failed[index] = e.reason
-                    log.warning("skipping %s: %s", self.records[index].image, e)
+                    log.warning("skipping %s: %s", self.records[index].uri, e)
             return None
         if self._cache is not None:
             self._cache[index] = image
@@ -79,7 +81,7 @@ class PairBatches:
                 captions = self.records[index].captions
                 caption = captions[int(rng.integers(len(captions)))]
                 return self._pixels(image, rng), caption
-        raise RuntimeError("no training image could be decoded")
+        raise ManifestError("no training image could be decoded (see the warnings above)")
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids [B, T], mask [B, T], pixels [B, S, S, 3]) for a global step."""

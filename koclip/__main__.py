@@ -1,5 +1,5 @@
 import sys
 
-from koclip.cli import main
+from koclip.cli.main import main
 
 sys.exit(main())

@@ -24,6 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from koclip import fs
 from koclip.config import ConfigError, HybridCLIPConfig, TextConfig, VisionConfig
 from koclip.modeling import KoCLIP
+from koclip.errors import CheckpointError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
     "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model", "added_tokens.json",
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit its config."""
 
 
 @dataclass
@@ -79,7 +76,7 @@ class Checkpoint:
 
 def require_dir(path: str, what: str = "checkpoint directory") -> None:
     if not fs.is_dir(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise NotFoundError(f"{what} not found: {path}")
 
 
 # ---------------------------------------------------------------- params
@@ -191,7 +188,7 @@ def _read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
 
     path = fs.join(hf_dir, HF_WEIGHTS_NAME)
     if not fs.exists(path):
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"no {HF_WEIGHTS_NAME} in {hf_dir} (only safetensors weights are imported; convert "
             "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True))"
         )
@@ -320,7 +317,6 @@ def _read_preprocessing(hf_dir: str) -> dict:
     elif isinstance(size, int):
         found["image_resize"] = size
     return found
-
 
 
 def build_hybrid(text_dir: str, vision_dir: str, projection_dim: int | None = None,

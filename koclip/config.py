@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from koclip.errors import ConfigError
 
 TEXT_MODEL_TYPES = ("bert", "roberta")
 VISION_MODEL_TYPES = ("clip_vision_model", "vit")
@@ -19,10 +20,6 @@ LOGIT_SCALE_MODES = ("learned", "fixed")
 # CLIP's normalisation constants (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ConfigError(ValueError):
-    """A config that cannot describe a model we can build."""
 
 
 def _known_fields(cls, d: dict) -> dict:

@@ -1,28 +1,118 @@
-"""Small file helpers over fsspec, so local paths and gs:// (or memory://) behave alike."""
+"""The one storage layer: local paths and any fsspec URL (gs://, memory://) behave alike.
+
+Every path in and out of this module is a string as the user wrote it: a URL keeps its protocol
+(fsspec itself hands back "bucket/x" for "gs://bucket/x"; we put the "gs://" back). Nothing
+outside this module talks to fsspec's filesystems directly.
+
+    join, exists, is_dir              names and tests
+    read_bytes(path, limit=None)      whole files, optionally refusing more than `limit` bytes
+    open(path)                        a binary file object, for streaming readers (Parquet, tar)
+    write_bytes, write_many           atomic writes (one file, or many concurrently)
+    ls, glob, info                    listings with size, etag and mtime, protocol kept
+    cat_many                          many small files, fetched concurrently
+    remove, remove_tree               deletion
+    download, upload                  copies between a URL and a local file
+    arrow_paths                       a filesystem and bare paths for pyarrow.dataset
+"""
 from __future__ import annotations
 
+import builtins
 import os
 import posixpath
+from collections.abc import Iterable
 
 import fsspec
 import fsspec.implementations.local
 
+from koclip.errors import KoclipError, NotFoundError
+
+
+class TooLargeError(KoclipError):
+    """A file larger than the limit its reader allows."""
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _resolve(path: str):
+    """(fsspec filesystem, the path as that filesystem names it)."""
+    return fsspec.core.url_to_fs(path)
+
+
+def _protocol(path: str) -> str:
+    return path.split("://", 1)[0] + "://" if is_url(path) else ""
+
+
+def _with_protocol(name: str, like: str) -> str:
+    """`name` as fsspec returned it, with the protocol of `like` put back."""
+    protocol = _protocol(like)
+    return protocol + name if protocol and not name.startswith(protocol) else name
+
+
+def _is_local(filesystem) -> bool:
+    return isinstance(filesystem, fsspec.implementations.local.LocalFileSystem)
+
+
+# ---------------------------------------------------------------- names and tests
+
 
 def join(path: str, *names: str) -> str:
-    if "://" in path:
+    if is_url(path):
         return posixpath.join(path.rstrip("/"), *names)
     return os.path.join(path, *names)
 
 
-def read_bytes(path: str) -> bytes:
+def exists(path: str) -> bool:
+    filesystem, fs_path = _resolve(path)
+    return filesystem.exists(fs_path)
+
+
+def is_dir(path: str) -> bool:
+    filesystem, fs_path = _resolve(path)
+    return filesystem.isdir(fs_path)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    """The file's bytes. With `limit`, at most that many are read: a larger file raises
+    TooLargeError without being read whole."""
     try:
-        if "://" not in path:  # plain local path: skip fsspec's per-call URL parsing (hot in the pipeline)
-            with open(path, "rb") as f:
-                return f.read()
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
+        if not is_url(path):  # plain local path: skip fsspec's per-call URL parsing (hot in the pipeline)
+            with builtins.open(path, "rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
+        else:
+            with fsspec.open(path, "rb") as f:
+                data = f.read() if limit is None else f.read(limit + 1)
+    except (FileNotFoundError, IsADirectoryError):
+        raise NotFoundError(f"no such file: {path}") from None
+    if limit is not None and len(data) > limit:
+        raise TooLargeError(f"{path} is larger than the {limit}-byte limit")
+    return data
+
+
+def open(path: str, mode: str = "rb"):  # noqa: A001 (the storage layer's open)
+    """A file object for streaming reads (or writes); NotFoundError when it does not exist."""
+    if "r" in mode and not exists(path):
+        raise NotFoundError(f"no such file: {path}")
+    if "w" in mode:
+        filesystem, fs_path = _resolve(path)
+        filesystem.makedirs(filesystem._parent(fs_path), exist_ok=True)
+    return fsspec.open(path, mode)
+
+
+def cat_many(paths: list[str]) -> dict[str, bytes]:
+    """{path: bytes} of many files of one filesystem, fetched concurrently where it can (gcsfs)."""
+    if not paths:
+        return {}
+    filesystem, _ = _resolve(paths[0])
+    bare = {_resolve(p)[1]: p for p in paths}
+    return {bare[name]: data for name, data in filesystem.cat(list(bare)).items()}
+
+
+# ---------------------------------------------------------------- writing
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -31,22 +121,104 @@ def write_bytes(path: str, data: bytes) -> None:
     Local files go to a temporary name and are renamed; object stores (gs://, memory://)
     already publish an object only when its upload completes, and their "rename" is a copy.
     """
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    fs.makedirs(fs._parent(fs_path), exist_ok=True)
-    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        fs.pipe_file(fs_path, data)
+    filesystem, fs_path = _resolve(path)
+    filesystem.makedirs(filesystem._parent(fs_path), exist_ok=True)
+    if not _is_local(filesystem):
+        filesystem.pipe_file(fs_path, data)
         return
     tmp = f"{fs_path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with builtins.open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, fs_path)
 
 
-def exists(path: str) -> bool:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    return fs.exists(fs_path)
+def write_many(files: dict[str, bytes]) -> None:
+    """Write many files of one filesystem; an object store uploads them concurrently."""
+    if not files:
+        return
+    filesystem, _ = _resolve(next(iter(files)))
+    if _is_local(filesystem):
+        for path, data in files.items():
+            write_bytes(path, data)
+        return
+    parents = {filesystem._parent(_resolve(p)[1]) for p in files}
+    for parent in parents:
+        filesystem.makedirs(parent, exist_ok=True)
+    filesystem.pipe({_resolve(p)[1]: data for p, data in files.items()})
 
 
-def is_dir(path: str) -> bool:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    return fs.isdir(fs_path)
+# ---------------------------------------------------------------- listing
+
+
+def _entry(raw: dict, like: str) -> dict:
+    """One listing entry: path (protocol kept), type, size, etag, mtime (whichever the store has)."""
+    mtime = raw.get("mtime") or raw.get("updated") or raw.get("LastModified")
+    return {"path": _with_protocol(raw["name"], like), "type": raw.get("type"), "size": raw.get("size"),
+            "etag": raw.get("etag") or raw.get("md5Hash") or raw.get("ETag"),
+            "generation": raw.get("generation"), "mtime": str(mtime) if mtime is not None else None}
+
+
+def ls(folder: str) -> list[dict]:
+    """The entries directly under `folder`, fresh (object-store listing caches are bypassed);
+    [] when it does not exist."""
+    filesystem, fs_path = _resolve(folder)
+    try:
+        raw = filesystem.ls(fs_path, detail=True, **({} if _is_local(filesystem) else {"refresh": True}))
+    except FileNotFoundError:
+        return []
+    return [_entry(e, folder) for e in raw]
+
+
+def info(path: str) -> dict | None:
+    """The listing entry of one path, or None when it does not exist."""
+    filesystem, fs_path = _resolve(path)
+    try:
+        return _entry(filesystem.info(fs_path), path)
+    except FileNotFoundError:
+        return None
+
+
+def glob(pattern: str, files_only: bool = True) -> list[str]:
+    """Sorted paths matching `pattern` (`**` recursive), protocol kept."""
+    filesystem, fs_path = _resolve(pattern)
+    found = filesystem.glob(fs_path, detail=True)
+    return sorted(_with_protocol(name, pattern) for name, e in found.items()
+                  if not files_only or e.get("type") != "directory")
+
+
+# ---------------------------------------------------------------- removing and copying
+
+
+def remove(paths: str | Iterable[str]) -> None:
+    """Delete files; missing ones are ignored."""
+    for path in [paths] if isinstance(paths, str) else list(paths):
+        filesystem, fs_path = _resolve(path)
+        if filesystem.exists(fs_path):
+            filesystem.rm(fs_path)
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder and everything under it; a missing one is ignored."""
+    filesystem, fs_path = _resolve(path)
+    if filesystem.exists(fs_path):
+        filesystem.rm(fs_path, recursive=True)
+
+
+def download(path: str, local_path: str) -> None:
+    filesystem, fs_path = _resolve(path)
+    try:
+        filesystem.get_file(fs_path, local_path)
+    except FileNotFoundError:
+        raise NotFoundError(f"no such file: {path}") from None
+
+
+def upload(local_path: str, path: str) -> None:
+    filesystem, fs_path = _resolve(path)
+    filesystem.makedirs(filesystem._parent(fs_path), exist_ok=True)
+    filesystem.put_file(local_path, fs_path)
+
+
+def arrow_paths(paths: list[str]):
+    """(filesystem, bare paths) for pyarrow.dataset.dataset(paths, filesystem=...)."""
+    filesystem, _ = _resolve(paths[0])
+    return filesystem, [_resolve(p)[1] for p in paths]

@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from koclip import fs
+from koclip.errors import ImageDecodeError, NotFoundError
 
 # Below Pillow's own DecompressionBombWarning threshold (~89.5M pixels).
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -28,28 +29,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
 _WEIGHT_SUFFIXES = (".msgpack", ".safetensors", ".bin", ".h5", ".ckpt", ".pt", ".npz", ".pkl")
 
 
-class ImageDecodeError(ValueError):
-    """An input that cannot be turned into an RGB image; `reason` is a short machine-readable tag."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-
 # --- images ---------------------------------------------------------------------------------
 
 def _read_bytes(source: bytes | bytearray | memoryview | str | os.PathLike) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
-        import fsspec
-
         path = os.fspath(source)
         try:
-            with fsspec.open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError as e:
+            return fs.read_bytes(path)
+        except NotFoundError as e:
             raise ImageDecodeError("not_found", f"no such file: {path}") from e
         except Exception as e:
             raise ImageDecodeError("unreadable", f"cannot read {path}: {e}") from e
@@ -204,23 +193,20 @@ def _is_remote(path: str) -> bool:
 
 
 def _copy_tokenizer_files(url: str, local_dir: str) -> None:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"tokenizer directory not found: {url}")
-    for entry in fs.ls(root, detail=True):
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+    if not fs.is_dir(url):
+        raise NotFoundError(f"tokenizer directory not found: {url}")
+    for entry in fs.ls(url):
+        name = entry["path"].rstrip("/").rsplit("/", 1)[-1]
         # Skip weights: a checkpoint directory holds the tokenizer files beside them.
         if entry["type"] == "file" and not name.endswith(_WEIGHT_SUFFIXES):
-            fs.get_file(entry["name"], os.path.join(local_dir, name))
+            fs.download(entry["path"], os.path.join(local_dir, name))
 
 
 def _check_tokenizer_dir(local_dir: str, shown_path: str) -> None:
     if not os.path.isdir(local_dir):
-        raise FileNotFoundError(f"tokenizer directory not found: {shown_path}")
+        raise NotFoundError(f"tokenizer directory not found: {shown_path}")
     if not any(os.path.isfile(os.path.join(local_dir, name)) for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"no tokenizer files (tokenizer.json, vocab.txt, ...) in {shown_path}")
+        raise NotFoundError(f"no tokenizer files (tokenizer.json, vocab.txt, ...) in {shown_path}")
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -301,8 +287,6 @@ def load_encoding_tokenizer(path: str | os.PathLike):
     """The tokenizer texts are encoded with: a `JsonTokenizer` when the folder's tokenizer.json
     alone defines the tokenizer, else the transformers tokenizer (`load_tokenizer`)."""
     import json
-
-    from koclip import fs
 
     path = os.fspath(path)
     config_path, json_path = fs.join(path, "tokenizer_config.json"), fs.join(path, "tokenizer.json")

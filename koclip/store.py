@@ -27,22 +27,18 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from koclip import fs
+from koclip.errors import StoreError
 
 SCHEMA_VERSION = "1"
 SHARD_GLOB = "shard-*.parquet"
 EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 EMBEDDING_COLUMNS = ("image_embedding", "caption_embeddings")
-
-
-class StoreError(ValueError):
-    """An embedding store that cannot be used as asked (empty, mixed models, bad column)."""
 
 
 def schema(dim: int, embedding_dtype: str = "float32", metadata: dict | None = None) -> pa.Schema:
@@ -173,8 +169,8 @@ class Store:
         """A pyarrow dataset over every shard (one logical table)."""
         import pyarrow.dataset as ds
 
-        filesystem, _ = fsspec.core.url_to_fs(self.root)
-        return ds.dataset([_strip(p) for p in self.paths], format="parquet", filesystem=filesystem)
+        filesystem, paths = fs.arrow_paths(self.paths)
+        return ds.dataset(paths, format="parquet", filesystem=filesystem)
 
     def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
         return self.dataset().to_table(columns=list(columns) if columns else None)
@@ -182,7 +178,7 @@ class Store:
     def iter_tables(self, columns: Sequence[str] | None = None, batch_rows: int = 65536) -> Iterator[pa.Table]:
         """Record batches of at most batch_rows rows, shard by shard: never the whole store in memory."""
         for shard in self.shards:
-            with fsspec.open(shard.path, "rb") as f:
+            with fs.open(shard.path) as f:
                 parquet = pq.ParquetFile(f)
                 for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(columns) if columns else None):
                     yield pa.Table.from_batches([batch])
@@ -212,19 +208,12 @@ def vectors_to_numpy(values: pa.Array, dim: int) -> np.ndarray:
     return np.asarray(flat, dtype=np.float32).reshape(-1, dim)
 
 
-def _strip(path: str) -> str:
-    return fsspec.core.url_to_fs(path)[1]
-
-
 def list_shards(root: str) -> list[str]:
-    filesystem, fs_path = fsspec.core.url_to_fs(root)
-    found = sorted(filesystem.glob(f"{fs_path.rstrip('/')}/{SHARD_GLOB}"))
-    protocol = root.split("://", 1)[0] + "://" if "://" in root else ""
-    return [protocol + p if protocol and not p.startswith(protocol) else p for p in found]
+    return fs.glob(fs.join(root, SHARD_GLOB))
 
 
 def read_shard_info(path: str) -> ShardInfo:
-    with fsspec.open(path, "rb") as f:
+    with fs.open(path) as f:
         meta = pq.ParquetFile(f).metadata
     raw = {k.decode(): v.decode() for k, v in (meta.metadata or {}).items()}
     if "koclip.fingerprint" not in raw:

@@ -33,8 +33,10 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions, TestOptions
 
 from koclip import fs
-from pipelines.listing import ListingDigest, ListingError, Unit, iter_items, iter_units, read_unit_file, unit_file_bytes
-from pipelines.options import EmbedOptions, OptionsError, parse
+from koclip.cli import run_cli
+from koclip.errors import KoclipError
+from pipelines.listing import ListingDigest, Unit, iter_items, iter_units, read_unit_file, unit_file_bytes
+from pipelines.options import EmbedOptions, parse
 from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
 from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits
@@ -44,7 +46,7 @@ UNITS_DIR = "_units"
 _UNIT_FILE_BATCH_ITEMS = 20_000  # unit files are uploaded in batches of about this many items
 
 
-class PlanError(ValueError):
+class PlanError(KoclipError):
     """The run cannot start (missing model, an output folder holding another run): one line."""
 
 
@@ -100,56 +102,35 @@ def _defaults(opts: EmbedOptions) -> tuple[str, str, str]:
 
 
 def _load_model_info(model: str, is_default: bool) -> tuple[str, dict, int]:
-    from koclip.checkpoint import CheckpointError, load_checkpoint
+    from koclip.checkpoint import load_checkpoint
 
     if not fs.exists(fs.join(model, "config.json")):
         hint = ("train the demo model first: python -m jobs.train" if is_default
                 else "give a checkpoint folder (config.json + flax_model.msgpack)")
         raise PlanError(f"no model at {model}: {hint}")
-    try:
-        ckpt = load_checkpoint(model)
-    except (CheckpointError, FileNotFoundError) as e:
-        raise PlanError(str(e)) from None
+    ckpt = load_checkpoint(model)
     return ckpt.fingerprint, ckpt.config.to_dict(), ckpt.config.projection_dim
 
 
 def _clear(output: str) -> None:
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
-    for path in filesystem.glob(f"{root}/shard-*.parquet") + [f"{root}/{RUN_FILE}"]:
-        if filesystem.exists(path):
-            filesystem.rm(path)
+    fs.remove(fs.glob(fs.join(output, "shard-*.parquet")) + [fs.join(output, RUN_FILE)])
     _remove_folders(output, DONE_DIR, DEAD_LETTER_DIR)  # not _units/: this run has just written its unit files
 
 
 def _remove_folders(output: str, *names: str) -> None:
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(output)
     for name in names:
-        if filesystem.exists(f"{root.rstrip('/')}/{name}"):
-            filesystem.rm(f"{root.rstrip('/')}/{name}", recursive=True)
+        fs.remove_tree(fs.join(output, name))
 
 
 def _remove_partial_files(output: str) -> None:
     """Temporary files of a killed run (koclip.fs writes locally to NAME.tmp-PID, then renames)."""
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(output)
-    root = root.rstrip("/")
     for pattern in ("*.tmp-*", f"{DONE_DIR}/*.tmp-*", f"{DEAD_LETTER_DIR}/*.tmp-*"):
-        for path in filesystem.glob(f"{root}/{pattern}"):
-            filesystem.rm(path)
+        fs.remove(fs.glob(fs.join(output, pattern)))
 
 
 def _done_markers(output: str) -> dict[int, dict]:
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(output)
-    paths = filesystem.glob(f"{root.rstrip('/')}/{DONE_DIR}/unit-*.json")
-    markers = [json.loads(data) for data in filesystem.cat(paths).values()] if paths else []  # gcsfs: concurrent
+    paths = fs.glob(fs.join(output, DONE_DIR, "unit-*.json"))
+    markers = [json.loads(data) for data in fs.cat_many(paths).values()]
     return {m["unit"]: m for m in markers}
 
 
@@ -205,14 +186,7 @@ def _unit_file(output: str, index: int) -> str:
 
 
 def _write_unit_files(output: str, units: list[Unit]) -> None:
-    import fsspec
-
-    if not units:
-        return
-    filesystem, root = fsspec.core.url_to_fs(output)
-    filesystem.makedirs(f"{root.rstrip('/')}/{UNITS_DIR}", exist_ok=True)
-    # One call for many files: gcsfs uploads them concurrently.
-    filesystem.pipe({fsspec.core.url_to_fs(_unit_file(output, u.index))[1]: unit_file_bytes(u) for u in units})
+    fs.write_many({_unit_file(output, u.index): unit_file_bytes(u) for u in units})
 
 
 def _unit_items(element: tuple[UnitRef, str]):
@@ -274,7 +248,7 @@ def _totals(markers: list[dict]) -> dict:
 
 
 def run(argv: list[str] | None = None) -> EmbedResult:
-    """Run the pipeline to the end; raises OptionsError / ListingError / PlanError for bad input."""
+    """Run the pipeline to the end; a KoclipError (UsageError, ListingError, PlanError, ...) for bad input."""
     started = time.perf_counter()
     opts, options = parse(list(sys.argv[1:] if argv is None else argv))
     p = plan(opts)
@@ -308,16 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
+
+    def report():
         result = run(argv)
-    except (OptionsError, ListingError, PlanError) as e:
-        print(f"pipelines.embed: error: {e}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    print(f"shards: {fs.join(result.output, 'shard-*.parquet')}")
-    if result.totals["dead_letters"]:
-        print(f"dead letters: {fs.join(result.output, DEAD_LETTER_DIR)}/unit-*.jsonl")
-    return 0
+        print(result.summary())
+        print(f"shards: {fs.join(result.output, 'shard-*.parquet')}")
+        if result.totals["dead_letters"]:
+            print(f"dead letters: {fs.join(result.output, DEAD_LETTER_DIR)}/unit-*.jsonl")
+
+    return run_cli("pipelines.embed", report)
 
 
 if __name__ == "__main__":

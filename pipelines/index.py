@@ -18,6 +18,8 @@ import logging
 import sys
 
 from koclip import fs
+from koclip.cli import ArgumentParser, run_cli
+from koclip.errors import UsageError
 
 DESCRIPTION = """Index an embedding store (Parquet shards from `python -m pipelines.embed`) with FAISS.
 
@@ -35,15 +37,11 @@ EPILOG = """With --distributed, other arguments are Beam pipeline options, e.g.
 Without --runner the pipelines run here on Beam's FnApiRunner (multi-threaded)."""
 
 
-class UsageError(ValueError):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
     from koclip.index import DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, KINDS
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.index", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = ArgumentParser(prog="python -m pipelines.index", description=DESCRIPTION, epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embeddings", metavar="DIR", help="the store: a folder of shard-*.parquet, local or "
                                                             "gs:// (default: the emoji-ko demo embeddings)")
     parser.add_argument("--out", metavar="ROOT", help="the index root, local or gs:// (default: the demo index)")
@@ -69,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def summary(result) -> str:
-    from koclip.index_faiss import format_bytes
+    from koclip.index import format_bytes
 
     m = result.meta
     params = ", ".join(f"{k}={v}" for k, v in m["search_params"].items()) or "none (exact)"
@@ -116,16 +114,12 @@ def run(args, beam_args: list[str]):
 def main(argv=None) -> int:
     args, beam_args = build_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from koclip.index import INDEX_ERROR
-    from koclip.store import StoreError
 
-    try:
+    def report():
         result = run(args, beam_args)
-    except (UsageError, INDEX_ERROR, StoreError, FileNotFoundError) as e:
-        print(f"pipelines.index: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.meta, indent=2, ensure_ascii=False) if args.json else summary(result))
-    return 0
+        print(json.dumps(result.meta, indent=2, ensure_ascii=False) if args.json else summary(result))
+
+    return run_cli("pipelines.index", report)
 
 
 if __name__ == "__main__":

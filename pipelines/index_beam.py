@@ -26,7 +26,7 @@ order. Then:
      after a merge: the ids come out corrupt), write meta.json (layout "ondisk"), delete _work and
      publish. The second merge reads the parts a second time.
 
-Workers read and write through fsspec, so the version folder may be on gs:// (merging needs local
+Workers read and write through koclip.fs, so the version folder may be on gs:// (merging needs local
 files: the parts are copied to a local temporary folder and the result uploaded).
 """
 from __future__ import annotations
@@ -42,19 +42,16 @@ from contextlib import contextmanager
 
 import apache_beam as beam
 import faiss
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from koclip import fs
-from koclip.index import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, BuildResult,
-                          IndexBuildError, ROWS_SCHEMA, choose_index, make_meta, new_version,
-                          parse_memory, plan_of, publish_written, query_rows, read_index_file, read_shard, remove_tree,
-                          removed_on_failure, train, train_rows, tune)
-from koclip.index_faiss import _ivf_part, add_truth, add_vectors
-from koclip.index_folder import write_meta
+from koclip.index import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, ROWS_SCHEMA,
+                          BuildResult, IndexBuildError, add_truth, add_vectors, choose_index, ivf_part, make_meta,
+                          new_version, parse_memory, plan_of, publish_written, query_rows, read_index_file, read_shard,
+                          removed_on_failure, train, train_rows, tune, write_meta)
 from koclip.store import Store, open_store
 
 log = logging.getLogger("pipelines.index")
@@ -83,10 +80,8 @@ def count_rows(store: Store, column: str) -> list[int]:
 def write_rows(store: Store, column: str, path: str, counts: list[int], held_out: np.ndarray) -> None:
     """Stream rows.parquet shard by shard in index order (the held-out query rows last), never
     holding the whole table."""
-    filesystem, fs_path = fsspec.core.url_to_fs(path)
-    filesystem.makedirs(filesystem._parent(fs_path), exist_ok=True)
     queries, start = [], 0
-    with fsspec.open(path, "wb") as f, pq.ParquetWriter(f, ROWS_SCHEMA, compression="zstd") as writer:
+    with fs.open(path, "wb") as f, pq.ParquetWriter(f, ROWS_SCHEMA, compression="zstd") as writer:
         for shard, count in zip(store.shards, counts):
             rows = read_shard(shard.path, column, vectors=False)[0]
             held = np.isin(np.arange(start, start + count), held_out)
@@ -156,8 +151,7 @@ def local_parts(work: str, numbers: list[int], local: str) -> list[str]:
     if "://" in work:
         for i, remote in enumerate(parts):
             parts[i] = os.path.join(local, os.path.basename(remote))
-            filesystem, path = fsspec.core.url_to_fs(remote)
-            filesystem.get(path, parts[i])
+            fs.download(remote, parts[i])
     return parts
 
 
@@ -166,7 +160,7 @@ def merge(trained: faiss.Index, parts: list[str], ivfdata: str) -> faiss.Index:
     from faiss.contrib.ondisk import merge_ondisk
 
     index = faiss.deserialize_index(faiss.serialize_index(trained))
-    base = _ivf_part(index)
+    base = ivf_part(index)
     merge_ondisk(base, parts, ivfdata)
     if isinstance(index, faiss.IndexRefine):
         refine = faiss.downcast_index(index.refine_index)
@@ -238,10 +232,9 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
         faiss.write_index(index, os.path.join(local, "index.faiss"))
         index_bytes = sum(os.path.getsize(os.path.join(local, f)) for f in ("index.faiss", "index.ivfdata"))
         if remote_out:
-            filesystem, remote = fsspec.core.url_to_fs(folder)
             for name in ("index.faiss", "index.ivfdata"):
-                filesystem.put(os.path.join(local, name), f"{remote.rstrip('/')}/{name}")
-        remove_tree(work)
+                fs.upload(os.path.join(local, name), fs.join(folder, name))
+        fs.remove_tree(work)
         meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=store.root, column=column, count=n,
                          dim=store.dim, fingerprint=store.fingerprint, model_config=store.config,
                          target_recall=target_recall, max_memory=budget, build_seconds=time.perf_counter() - started,

@@ -11,6 +11,7 @@ import os
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
+from koclip.errors import UsageError
 from koclip.processing import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """Embed images and their captions with a KoCLIP model into Parquet shards.
@@ -40,24 +41,25 @@ class EmbedOptions(PipelineOptions):
         parser.add_argument("--model", default=None,
                             help="checkpoint folder, local or gs:// (default: the demo model from "
                                  "`python -m jobs.train`)")
-        parser.add_argument("--batch_size", type=int, default=32, help="images per model call (fixed shape)")
+        # Both spellings are registered (not only normalised, as koclip.cli does): Beam parses these
+        # flags again itself, on the driver and on every worker.
+        parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32, metavar="N",
+                            help="images per model call (fixed shape)")
         parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                             help="compute dtype of the encoders")
-        parser.add_argument("--embedding_dtype", choices=("float32", "float16"), default="float32",
+        parser.add_argument("--embedding-dtype", "--embedding_dtype", dest="embedding_dtype", choices=("float32", "float16"), default="float32",
                             help="storage dtype of the embeddings in Parquet")
-        parser.add_argument("--unit_size", type=int, default=1000,
+        parser.add_argument("--unit-size", "--unit_size", dest="unit_size", type=int, default=1000, metavar="N",
                             help="items per work unit; each unit is one shard and one resume step")
-        parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+        parser.add_argument("--max-pixels", "--max_pixels", dest="max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                            metavar="N",
                             help="images with more pixels are dead-lettered (decompression bombs)")
-        parser.add_argument("--compilation_cache", default=None,
+        parser.add_argument("--compilation-cache", "--compilation_cache", dest="compilation_cache", default=None,
+                            metavar="DIR",
                             help="folder for XLA's persistent compilation cache, so reruns skip compiling "
                                  "(default: ~/.cache/koclip/xla locally, none on remote runners; '' disables)")
         parser.add_argument("--overwrite", action="store_true",
                             help="delete this output's previous results and embed everything again")
-
-
-class OptionsError(ValueError):
-    """A bad flag or flag value: reported as one line."""
 
 
 def _all_option_classes(cls=PipelineOptions):
@@ -84,7 +86,7 @@ def help_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str]) -> tuple[EmbedOptions, PipelineOptions]:
-    """argv -> (our options, all pipeline options). Exits with --help; OptionsError on bad flags."""
+    """argv -> (our options, all pipeline options). Exits with --help; UsageError on bad flags."""
     ours = help_parser()
     ours.error = _raise_options_error  # argparse would print usage and exit(2) itself
     if "-h" in argv or "--help" in argv:
@@ -94,11 +96,11 @@ def parse(argv: list[str]) -> tuple[EmbedOptions, PipelineOptions]:
     parser.error = _raise_options_error
     _, unknown = parser.parse_known_args(rest)
     if unknown:
-        raise OptionsError(f"unknown option {unknown[0]!r} (see python -m pipelines.embed --help)")
+        raise UsageError(f"unknown option {unknown[0]!r} (see python -m pipelines.embed --help)")
     if known.batch_size < 1:
-        raise OptionsError(f"--batch_size must be at least 1, got {known.batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {known.batch_size}")
     if known.unit_size < 1:
-        raise OptionsError(f"--unit_size must be at least 1, got {known.unit_size}")
+        raise UsageError(f"--unit-size must be at least 1, got {known.unit_size}")
     options = PipelineOptions(argv)
     if not any(a == "--direct_num_workers" or a.startswith("--direct_num_workers=") for a in rest):
         # Beam's default is 1 worker thread, which leaves a core idle while one item decodes.
@@ -107,7 +109,7 @@ def parse(argv: list[str]) -> tuple[EmbedOptions, PipelineOptions]:
 
 
 def _raise_options_error(message: str):
-    raise OptionsError(message.strip().replace("\n", " "))
+    raise UsageError(message.strip().replace("\n", " "))
 
 
 def default_workers() -> int:

@@ -85,7 +85,7 @@ def isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpt_dir(tmp_path_factory):
     """A tiny random-init checkpoint with a small vocabulary, made by `koclip init --tiny`."""
-    from koclip.cli import main
+    from koclip.cli.main import main
 
     out = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     assert main(["init", out, "--tiny", "tiny-bert-clip"]) == 0

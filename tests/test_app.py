@@ -19,9 +19,9 @@ import pytest
 from PIL import Image, ImageDraw
 from playwright.sync_api import expect, sync_playwright
 
-from koclip.app import main as app_main
-from koclip.apps.harness import CHROMIUM, RESULT_TIMEOUT_MS, TABS, AppServer, Tour, launch_chromium
-from koclip.apps.page import InputError, check_template, check_text, decode_upload, parse_labels
+from koclip.app.launcher import main as app_main
+from tests.app_harness import CHROMIUM, RESULT_TIMEOUT_MS, TABS, AppServer, Tour, launch_chromium
+from koclip.app.page import InputError, check_template, check_text, decode_upload, parse_labels
 
 # Korean captions for generated pictures: a shape in a colour on white.
 COLOURS = {"빨간": (220, 30, 30), "파란": (30, 60, 220), "초록": (30, 160, 60), "노란": (240, 200, 20),
@@ -154,7 +154,7 @@ def test_the_command_exits_2_before_starting_a_server(tmp_path):
                            "--model", str(tmp_path / "none"), "--port", "1"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.startswith("koclip.app: no model at") and "python -m jobs.train" in done.stderr
+    assert done.stderr.startswith("koclip.app: error: no model at") and "python -m jobs.train" in done.stderr
     assert "Streamlit" not in done.stdout + done.stderr
 
 
@@ -281,7 +281,7 @@ def test_another_models_index_is_refused_until_a_new_version_is_published(
     """A mismatched index gets a message naming both models; publishing a version embedded by
     the served model (what a reindex does) is picked up on the next page load, no restart."""
     from koclip.checkpoint import load_checkpoint
-    from koclip.cli import main as koclip_main
+    from koclip.cli.main import main as koclip_main
     from koclip.index import build_index
 
     root = tmp_path_factory.mktemp("swap")

@@ -1,4 +1,4 @@
-"""koclip.query.classify and rank_patches (koclip.patches), on a tiny random checkpoint.
+"""koclip.query.classify and rank_patches (koclip.query.patches), on a tiny random checkpoint.
 
 The tiny model's scores mean nothing; what is checked is that classify is the softmax it claims,
 the geometry (boxes tile the picture, tokens map to cells), that each rank_patches mode computes
@@ -12,7 +12,8 @@ from PIL import Image
 
 from koclip import query
 from koclip.checkpoint import load_checkpoint
-from koclip.patches import cell_boxes, overlap_weights, parse_grid, token_embeddings
+from koclip.errors import PatchError
+from koclip.query.patches import cell_boxes, overlap_weights, parse_grid, token_embeddings
 from koclip.processing import ImagePreprocessor
 
 
@@ -149,5 +150,5 @@ def test_parse_grid():
     assert parse_grid(3) == (3, 3) and parse_grid("2x5") == (2, 5) and parse_grid("4") == (4, 4)
     assert parse_grid((1, 7)) == (1, 7)
     for bad in ("3by3", (3,), (2, 0), (2.5, 2), "x"):
-        with pytest.raises(ValueError, match="grid"):
+        with pytest.raises(PatchError, match="grid"):
             parse_grid(bad)

@@ -9,7 +9,7 @@ from PIL import Image
 
 import hf_models
 from koclip import checkpoint
-from koclip.cli import main
+from koclip.cli.main import main
 from koclip.modeling import KoCLIP
 from koclip.processing import tokenize
 from koclip.vocab import TINY_CORPUS, train_wordpiece

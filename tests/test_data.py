@@ -10,7 +10,8 @@ import uuid
 import numpy as np
 import pytest
 
-from koclip.data import ManifestError, Record, cache_dir, read_manifest, write_manifest
+from koclip.data import Item, cache_dir, read_manifest, write_manifest
+from koclip.errors import ManifestError, UsageError
 from koclip.data import emoji_ko
 from koclip.processing import open_image
 
@@ -32,9 +33,9 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
 
 def _records():
     return [
-        Record("a", "images/a.png", ["빨간 사과"], "train", "g1"),
-        Record("b", "sub/../images/b.png", ["벚꽃", "벚꽃 나무"], "val", "g2", {"source": "test"}),
-        Record("c", "gs://bucket/c.png", ["소파 위에 고양이"]),
+        Item("a", "images/a.png", ("빨간 사과",), "train", "g1"),
+        Item("b", "sub/../images/b.png", ("벚꽃", "벚꽃 나무"), "val", "g2", extra={"source": "test"}),
+        Item("c", "gs://bucket/c.png", ("소파 위에 고양이",)),
     ]
 
 
@@ -54,14 +55,14 @@ def test_manifest_round_trip_local_resolves_relative_images(tmp_path):
 
     records = read_manifest(path)
     assert [r.id for r in records] == ["a", "b", "c"]
-    assert records[0].image == str(tmp_path / "data" / "images" / "a.png")
-    assert records[1].image == str(tmp_path / "data" / "images" / "b.png")
-    assert records[2].image == "gs://bucket/c.png"  # absolute URIs are kept
-    assert records[1].captions == ["벚꽃", "벚꽃 나무"]
+    assert records[0].uri == str(tmp_path / "data" / "images" / "a.png")
+    assert records[1].uri == str(tmp_path / "data" / "images" / "b.png")
+    assert records[2].uri == "gs://bucket/c.png"  # absolute URIs are kept
+    assert records[1].captions == ("벚꽃", "벚꽃 나무")
     assert (records[0].split, records[0].group) == ("train", "g1")
     assert (records[2].split, records[2].group) == (None, None)
     assert records[1].extra == {"source": "test"}
-    assert open_image(records[0].image).size == (8, 6)
+    assert open_image(records[0].uri).size == (8, 6)
     # The file is UTF-8 JSONL with Hangul as is, and optional fields left out when unset.
     lines = (tmp_path / "data" / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[2]) == {"id": "c", "image": "gs://bucket/c.png", "captions": ["소파 위에 고양이"]}
@@ -70,14 +71,14 @@ def test_manifest_round_trip_local_resolves_relative_images(tmp_path):
     assert [r.id for r in read_manifest(path, split="train")] == ["a"]
     assert [r.id for r in read_manifest(path, split="val")] == ["b"]
     assert read_manifest(path, split="test") == []
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(UsageError, match="split"):
         read_manifest(path, split="dev")
 
 
 def test_manifest_relative_path_of_the_manifest_itself(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_manifest("m.jsonl", _records()[:1])
-    assert read_manifest("m.jsonl")[0].image == str(tmp_path / "images" / "a.png")
+    assert read_manifest("m.jsonl")[0].uri == str(tmp_path / "images" / "a.png")
 
 
 def test_manifest_round_trip_memory_fs():
@@ -90,10 +91,10 @@ def test_manifest_round_trip_memory_fs():
         f.write(_png_bytes((0, 0, 255)))
 
     records = read_manifest(path)
-    assert records[0].image == f"{root}/images/a.png"
-    assert records[1].image == f"{root}/images/b.png"
-    assert records[2].image == "gs://bucket/c.png"
-    assert np.asarray(open_image(records[0].image))[0, 0].tolist() == [0, 0, 255]
+    assert records[0].uri == f"{root}/images/a.png"
+    assert records[1].uri == f"{root}/images/b.png"
+    assert records[2].uri == "gs://bucket/c.png"
+    assert np.asarray(open_image(records[0].uri))[0, 0].tolist() == [0, 0, 255]
     assert [r.id for r in read_manifest(path, split="val")] == ["b"]
 
 
@@ -138,7 +139,7 @@ def test_bad_line_is_rejected_with_its_line_number(tmp_path, line, reason):
 def test_duplicate_id_is_rejected(tmp_path):
     path = tmp_path / "manifest.jsonl"
     path.write_text(f"{GOOD}\n" + GOOD.replace("ok1", "ok2") + f"\n{GOOD}\n", encoding="utf-8")
-    with pytest.raises(ManifestError, match=re.escape(f"{path}:3: duplicate id 'ok1' (first on line 1)")):
+    with pytest.raises(ManifestError, match=re.escape(f"{path}:3: duplicate id 'ok1' (first at {path}:1)")):
         read_manifest(str(path))
 
 
@@ -158,14 +159,14 @@ def test_plain_string_caption_and_stripping(tmp_path):
     path.write_text('{"id": 7, "image": "x.png", "captions": "  벚꽃  "}\n'
                     '{"id": "8", "image": "y.png", "captions": ["", " 빨간 사과 "]}\n', encoding="utf-8")
     records = read_manifest(str(path))
-    assert [(r.id, r.captions) for r in records] == [("7", ["벚꽃"]), ("8", ["빨간 사과"])]
+    assert [(r.id, r.captions) for r in records] == [("7", ("벚꽃",)), ("8", ("빨간 사과",))]
 
 
 def test_write_manifest_refuses_duplicates_and_captionless(tmp_path):
     with pytest.raises(ValueError, match="duplicate"):
-        write_manifest(str(tmp_path / "m.jsonl"), [Record("a", "a.png", ["x"]), Record("a", "b.png", ["y"])])
+        write_manifest(str(tmp_path / "m.jsonl"), [Item("a", "a.png", ("x",)), Item("a", "b.png", ("y",))])
     with pytest.raises(ValueError, match="no caption"):
-        write_manifest(str(tmp_path / "m.jsonl"), [Record("a", "a.png", [" "])])
+        write_manifest(str(tmp_path / "m.jsonl"), [Item("a", "a.png", (" ",))])
 
 
 # --- emoji-ko: grouping (no font needed) ----------------------------------------------------
@@ -248,8 +249,8 @@ def test_small_build_counts_add_up(small_build):
 def test_small_build_images_decode_at_the_declared_size_and_are_not_blank(small_build):
     out, _ = small_build
     for record in read_manifest(os.path.join(out, "manifest.jsonl")):
-        assert record.image == os.path.join(out, "images", f"{record.id}.png")
-        image = open_image(record.image)
+        assert record.uri == os.path.join(out, "images", f"{record.id}.png")
+        image = open_image(record.uri)
         assert image.size == (SIZE, SIZE)
         pixels = np.asarray(image)
         assert pixels.min() < 200, record  # some ink on the white background
@@ -260,7 +261,7 @@ def test_small_build_captions_are_the_korean_names(small_build):
     out, _ = small_build
     names = dict(emoji_ko.candidates())
     for record in read_manifest(os.path.join(out, "manifest.jsonl")):
-        assert record.captions == [names[record.extra["emoji"]]]
+        assert record.captions == (names[record.extra["emoji"]],)
         assert HANGUL.search(record.captions[0]), record
         assert record.id == emoji_ko.emoji_id(record.extra["emoji"])
 
@@ -321,7 +322,7 @@ def test_ensure_reuses_a_complete_build_and_repairs_an_incomplete_one(small_buil
     assert emoji_ko.ensure_emoji_ko(out, size=SIZE, limit=20) == manifest
     assert os.stat(manifest).st_mtime_ns == stamp  # reused, not rebuilt
 
-    victim = read_manifest(manifest)[0].image
+    victim = read_manifest(manifest)[0].uri
     os.remove(victim)
     assert not emoji_ko.is_complete(out, SIZE, 20)
     emoji_ko.ensure_emoji_ko(out, size=SIZE, limit=20)
@@ -419,5 +420,5 @@ def test_korean_corpus_sources_read():
     assert any("대한민국" in line for line in corpus["kolaw"])
     assert len(corpus["okt_chunks"]) > 10_000
     assert len(corpus["kkma_morph"]) > 10_000
-    with pytest.raises(ValueError, match="unknown corpus source"):
+    with pytest.raises(UsageError, match="unknown corpus source"):
         korean_corpus(("nope",))

@@ -15,7 +15,8 @@ from koclip.checkpoint import load_checkpoint
 from koclip.encoders import checkpoint_encoders
 from koclip.processing import ImagePreprocessor
 from pipelines import embed
-from pipelines.listing import ListingError, list_items
+from koclip.errors import ManifestError
+from pipelines.listing import list_items
 from pipelines.transforms.write import read_dead_letters
 from tests.corpus import write_corpus, write_manifest
 
@@ -139,7 +140,7 @@ def test_rerun_skips_finished_units_and_overwrite_redoes_them(corpus, corpus_run
     lines = open(manifest, encoding="utf-8").read().splitlines()
     bad = tmp_path / "repeats-an-id.jsonl"
     bad.write_text("\n".join(lines + [lines[0]]) + "\n", encoding="utf-8")
-    with pytest.raises(ListingError, match="duplicate id"):
+    with pytest.raises(ManifestError, match="duplicate id"):
         embed.run(["--input", str(bad)] + args[2:] + ["--overwrite"])
     assert results() == before
 
@@ -185,8 +186,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_ckpt_dir, corpus):
     _, manifest, _, _ = corpus
     cases = [
         (["--no_such_flag"], "unknown option '--no_such_flag'"),
-        (["--batch_size", "0", "--input", manifest], "--batch_size must be at least 1"),
-        (["--input", str(tmp_path / "nope.jsonl"), "--model", tiny_ckpt_dir], "input manifest not found"),
+        (["--batch_size", "0", "--input", manifest], "--batch-size must be at least 1"),
+        (["--input", str(tmp_path / "nope.jsonl"), "--model", tiny_ckpt_dir], "manifest not found"),
         (["--input", manifest], "train the demo model first: python -m jobs.train"),
         (["--input", manifest, "--model", str(tmp_path)], "no model at"),
     ]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from koclip.errors import QueryError
 from jobs.evaluate import DEFAULT_TEMPLATE, Encoders, EvaluationError, evaluate, main
 from koclip.checkpoint import load_checkpoint
 from koclip.data.manifest import read_manifest
@@ -170,7 +171,7 @@ def test_collapsed_embeddings_get_no_credit_from_ties(tiny_ckpt_dir, records):
 
 
 def test_bad_inputs_raise(tiny_ckpt_dir, records):
-    with pytest.raises(EvaluationError, match="template"):
+    with pytest.raises(QueryError, match="template"):
         evaluate(tiny_ckpt_dir, records, template="no placeholder")
     bad_only = [r for r in records if r.id in ("broken", "gone")]
     with pytest.raises(EvaluationError, match="could be decoded"):
@@ -206,7 +207,7 @@ def test_cli_missing_input_is_one_line_and_exit_2(tiny_ckpt_dir, dataset, tmp_pa
     code = main(["--checkpoint", paths["checkpoint"], "--manifest", paths["manifest"], "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.startswith("evaluate: error:") and "\n" not in err and "nowhere" in err
+    assert err.startswith("jobs.evaluate: error:") and "\n" not in err and "nowhere" in err
     assert not (tmp_path / "r.json").exists()
 
 

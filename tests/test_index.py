@@ -19,7 +19,7 @@ from koclip import fs  # noqa: E402
 from koclip.index import (KINDS, IndexBuildError, IndexFolderError,  # noqa: E402
                           build_index, choose_index, current_version, extend_index, list_versions, load_index,
                           parse_memory)
-from koclip.index_faiss import query_rows, set_search_params  # noqa: E402
+from koclip.index.tuning import query_rows, set_search_params  # noqa: E402
 from koclip.store import Row, StoreError, rows_to_table, write_shard  # noqa: E402
 
 DIM = 32

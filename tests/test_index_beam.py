@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an
 from bench.index import clustered_vectors  # noqa: E402
 from koclip import fs  # noqa: E402
 from koclip.index import build_index, extend_index, list_versions, load_index  # noqa: E402
-from koclip.index_faiss import set_search_params  # noqa: E402
+from koclip.index.tuning import set_search_params  # noqa: E402
 from koclip.store import Row, rows_to_table, write_shard  # noqa: E402
 from pipelines.index import main  # noqa: E402
 from pipelines.index_beam import build_distributed  # noqa: E402

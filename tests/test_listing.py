@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from koclip.errors import ManifestError, NotFoundError
 from pipelines import embed
 from pipelines.listing import ListingError, iter_units, list_items, listing_digest
 
@@ -32,7 +33,7 @@ def test_a_repeated_id_names_both_rows(tmp_path, suffix, second):
     rows = _rows(5)
     rows[3]["id"] = rows[1]["id"]
     path = _write(tmp_path / f"m{suffix}", rows)
-    with pytest.raises(ListingError, match=f"{second}: duplicate id 'item-1' \\(first at .*m{suffix}"):
+    with pytest.raises(ManifestError, match=f"{second}: duplicate id 'item-1' \\(first at .*m{suffix}"):
         list_items(path)
 
 
@@ -44,10 +45,12 @@ def test_manifest_errors_are_one_line(tmp_path):
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes('{"id": "é", "image": "a.jpg"}\n'.encode("latin-1"))
     no_image = _write(tmp_path / "noimage.jsonl", [{"id": "a", "captions": ["x"]}])
-    for path, message in [(bad_json, "bad.jsonl:2: not valid JSON"), (empty, "input manifest is empty"),
-                          (latin, "not UTF-8 text"), (no_image, "noimage.jsonl:1: missing 'image'"),
-                          (tmp_path / "missing.jsonl", "input manifest not found")]:
-        with pytest.raises(ListingError, match=message):
+    for path, error, message in [(bad_json, ManifestError, "bad.jsonl:2: not valid JSON"),
+                                 (empty, ListingError, "input manifest is empty"),
+                                 (latin, ManifestError, "not UTF-8 text"),
+                                 (no_image, ManifestError, "noimage.jsonl:1: missing field 'image'"),
+                                 (tmp_path / "missing.jsonl", NotFoundError, "manifest not found")]:
+        with pytest.raises(error, match=message):
             list_items(str(path))
 
 

@@ -19,6 +19,8 @@ import pytest
 from PIL import Image
 
 from koclip import query
+from koclip.errors import ImageDecodeError
+from koclip.query import cli as query_cli
 from koclip.checkpoint import load_checkpoint
 from koclip.data import cache_dir
 from koclip.encoders import checkpoint_encoders
@@ -44,7 +46,7 @@ def model(tiny_ckpt_dir):
 def embed_images(model, records) -> np.ndarray:
     """float32 [N, D] in record order, in batches of the model's batch size as jobs.evaluate makes them."""
     preprocess, size = ImagePreprocessor.from_config(model.config), model.batch_size
-    batches = [np.stack([preprocess(r.image) for r in records[i:i + size]]) for i in range(0, len(records), size)]
+    batches = [np.stack([preprocess(r.uri) for r in records[i:i + size]]) for i in range(0, len(records), size)]
     return np.concatenate([model.encoders.images(b) for b in batches])
 
 
@@ -52,7 +54,7 @@ def write_store(root, model, records, image_embeddings, shards: int = 2) -> str:
     """A real Parquet embedding store of `records` (captions embedded too), in `shards` shards."""
     from koclip.store import Row, rows_to_table, write_shard
 
-    rows = [Row(r.id, r.image, f"{i:064x}", 128, 128, list(r.captions), image_embeddings[i],
+    rows = [Row(r.id, r.uri, f"{i:064x}", 128, 128, list(r.captions), image_embeddings[i],
                 model.embed_texts(r.captions), r.split) for i, r in enumerate(records)]
     step = -(-len(rows) // shards)
     for n in range(shards):
@@ -83,7 +85,7 @@ def index_dir(tmp_path_factory, store_dir):
 
 @pytest.fixture(scope="module")
 def other_ckpt_dir(tmp_path_factory):
-    from koclip.cli import main
+    from koclip.cli.main import main
 
     out = str(tmp_path_factory.mktemp("ckpt") / "other")
     assert main(["init", out, "--tiny", "tiny-bert-clip", "--seed", "1"]) == 0
@@ -98,11 +100,11 @@ def _noise(width=70, height=50, seed=0):
 
 
 def test_each_image_finds_itself_first(index_dir, model, records):
-    results = query.search([pathlib.Path(r.image) for r in records], k=3, index=index_dir, model=model)
+    results = query.search([pathlib.Path(r.uri) for r in records], k=3, index=index_dir, model=model)
     assert [hits[0].id for hits in results] == [r.id for r in records]
     for hits, record in zip(results, records):
         assert hits[0].score == pytest.approx(1.0, abs=1e-5)
-        assert hits[0].uri == record.image and hits[0].captions == record.captions
+        assert hits[0].uri == record.uri and hits[0].captions == list(record.captions)
         assert [h.rank for h in hits] == [1, 2, 3]
         assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
 
@@ -118,8 +120,8 @@ def test_text_query_ranks_as_brute_force(index_dir, tiny_ckpt_dir, records, imag
 
 
 def test_batch_equals_single_queries(index_dir, model, records):
-    batch = ["빨간 사과", pathlib.Path(records[0].image), records[1].captions[0],
-             pathlib.Path(records[2].image).read_bytes(), Image.open(records[3].image)]
+    batch = ["빨간 사과", pathlib.Path(records[0].uri), records[1].captions[0],
+             pathlib.Path(records[2].uri).read_bytes(), Image.open(records[3].uri)]
     together = query.search(batch, k=5, index=index_dir, model=model)
     assert len(together) == len(batch)
     for item, hits in zip(batch, together):
@@ -192,7 +194,7 @@ def test_a_newly_published_version_is_picked_up(tmp_path, model, records, image_
     assert len(query.search("사과", k=50, index=root, model=model)) == 10
     assert query.cache_info()["index_loads"] == loads + 1
     build_index(write_store(tmp_path / "new", model, records, image_embeddings, shards=1), root, kind="flat")
-    hits = query.search(pathlib.Path(records[20].image), k=1, index=root, model=model)
+    hits = query.search(pathlib.Path(records[20].uri), k=1, index=root, model=model)
     assert hits[0].id == records[20].id and query.cache_info()["index_loads"] == loads + 2
     assert sum(version.startswith(root) for version in query.cache_info()["indexes"]) == 1  # the old one is dropped
 
@@ -201,8 +203,8 @@ def test_an_index_on_gcs(gcs_bucket, store_dir, model, records):
     from koclip.index import build_index
 
     build_index(store_dir, f"{gcs_bucket}/index", kind="flat")
-    hits = query.search(pathlib.Path(records[2].image), k=2, index=f"{gcs_bucket}/index", model=model)
-    assert hits[0].id == records[2].id and hits[0].uri == records[2].image
+    hits = query.search(pathlib.Path(records[2].uri), k=2, index=f"{gcs_bucket}/index", model=model)
+    assert hits[0].id == records[2].id and hits[0].uri == records[2].uri
 
 
 def test_fingerprint_mismatch_is_refused(index_dir, other_ckpt_dir, model):
@@ -215,14 +217,14 @@ def test_fingerprint_mismatch_is_refused(index_dir, other_ckpt_dir, model):
 def test_undecodable_query_image(index_dir, model, tmp_path):
     with pytest.raises(query.QueryImageError, match="not_an_image") as e:
         query.search(b"this is not a picture", index=index_dir, model=model)
-    assert isinstance(e.value, ValueError) and e.value.reason == "not_an_image"
+    assert isinstance(e.value, ImageDecodeError) and e.value.reason == "not_an_image"
     with pytest.raises(query.QueryImageError) as e:
         query.search(tmp_path / "missing.png", index=index_dir, model=model)
     assert e.value.reason == "not_found" and "missing.png" in str(e.value)
 
 
 def test_a_str_is_always_text(index_dir, model, records):
-    path = records[0].image  # a path given as str is searched as text
+    path = records[0].uri  # a path given as str is searched as text
     as_text = query.search(path, k=5, index=index_dir, model=model)
     by_vector = query.search(model.embed_texts([path])[0], k=5, index=index_dir)
     assert [h.id for h in as_text] == [h.id for h in by_vector]
@@ -265,7 +267,7 @@ def check_agreement(index_dir, ckpt_dir, model, records) -> dict:
     assert figures["t2i_recall@10"] > 0  # something is found, so the comparison is not 0 == 0
 
     labels = list(dict.fromkeys(r.captions[0] for r in records))
-    ranked = query.classify([pathlib.Path(r.image) for r in records], labels, model=model)
+    ranked = query.classify([pathlib.Path(r.uri) for r in records], labels, model=model)
     # evaluate counts ties against the model; classify lists tied labels in the order given. The
     # tiny vocabulary reads most Korean words as [UNK], so many prompts tie there.
     label_ranks = np.array([sum(p >= dict(found)[r.captions[0]] for _, p in found)
@@ -300,7 +302,7 @@ def test_demo_model_on_the_emoji_ko_test_split(tmp_path):
     model = query.load_model(demo)
     store = write_store(tmp_path / "store", model, records, embed_images(model, records), shards=4)
     built = build_index(store, str(tmp_path / "index"))
-    results = query.search([pathlib.Path(r.image) for r in records], k=1, index=str(tmp_path / "index"), model=model)
+    results = query.search([pathlib.Path(r.uri) for r in records], k=1, index=str(tmp_path / "index"), model=model)
     assert [hits[0].id for hits in results] == [r.id for r in records]
     figures = check_agreement(str(tmp_path / "index"), demo, model, records)
 
@@ -325,7 +327,7 @@ def test_demo_model_on_the_emoji_ko_test_split(tmp_path):
 
 
 def test_cli_search_table(index_dir, tiny_ckpt_dir, model, capsys):
-    assert query.main(["빨간 사과", "강아지", "--index", index_dir, "--model", tiny_ckpt_dir, "-k", "3"]) == 0
+    assert query_cli.main(["빨간 사과", "강아지", "--index", index_dir, "--model", tiny_ckpt_dir, "-k", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     expected = query.search("빨간 사과", k=3, index=index_dir, model=model)
     assert out[0] == "query: 빨간 사과" and out[1].split()[:5] == ["rank", "score", "id", "uri", "captions"]
@@ -335,11 +337,11 @@ def test_cli_search_table(index_dir, tiny_ckpt_dir, model, capsys):
 
 
 def test_cli_image_search_json_in_a_fresh_process(index_dir, tiny_ckpt_dir, records):
-    proc = subprocess.run([sys.executable, "-m", "koclip.query", "--image", records[0].image, "--index", index_dir,
+    proc = subprocess.run([sys.executable, "-m", "koclip.query", "--image", records[0].uri, "--index", index_dir,
                            "--model", tiny_ckpt_dir, "-k", "2", "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     [answer] = json.loads(proc.stdout)
-    assert answer["query"] == records[0].image
+    assert answer["query"] == records[0].uri
     assert answer["hits"][0]["id"] == records[0].id and answer["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert [h["rank"] for h in answer["hits"]] == [1, 2]
 
@@ -347,13 +349,13 @@ def test_cli_image_search_json_in_a_fresh_process(index_dir, tiny_ckpt_dir, reco
 def test_cli_classify_and_patches(tiny_ckpt_dir, tmp_path, capsys):
     picture = tmp_path / "noise.png"
     _noise().save(picture)
-    assert query.main(["--classify", str(picture), "--labels", "사과, 고양이,강아지", "--model", tiny_ckpt_dir]) == 0
+    assert query_cli.main(["--classify", str(picture), "--labels", "사과, 고양이,강아지", "--model", tiny_ckpt_dir]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["label", "probability"] and len(lines) == 4
     assert sum(float(line.split()[-1]) for line in lines[1:]) == pytest.approx(1.0, abs=2e-4)
 
     out = tmp_path / "heat.png"
-    assert query.main(["--patches", str(picture), "--text", "빨간", "사과", "--grid", "2x3", "--mode", "tokens",
+    assert query_cli.main(["--patches", str(picture), "--text", "빨간", "사과", "--grid", "2x3", "--mode", "tokens",
                        "--model", tiny_ckpt_dir, "--out", str(out), "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["text"] == "빨간 사과" and answer["grid"] == [2, 3] and len(answer["cells"]) == 6
@@ -376,7 +378,7 @@ def test_cli_errors_are_one_line(argv, message, index_dir, tiny_ckpt_dir, tmp_pa
     argv = [a.format(tmp=tmp_path, index=index_dir) for a in argv]
     if "--model" not in argv:
         argv += ["--model", tiny_ckpt_dir]
-    assert query.main(argv) == 2
+    assert query_cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("query: error: ") and err.count("\n") == 1
+    assert err.startswith("koclip.query: error: ") and err.count("\n") == 1
     assert message.format(tmp=tmp_path, index=index_dir) in err

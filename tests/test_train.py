@@ -15,7 +15,8 @@ from PIL import Image
 from jobs.presets import EVERYTHING, PROJECTIONS, Phase, TrainConfig, tiny_model
 from jobs.train import main, train
 from koclip import checkpoint
-from koclip.data.manifest import Record, write_manifest
+from koclip.data.manifest import Item, write_manifest
+from koclip.errors import UsageError
 
 CAPTIONS = ["빨간 사과", "강아지 얼굴", "소파 위에 고양이", "벚꽃이 핀 나무", "하늘을 나는 비행기",
             "바다 위의 배", "웃는 얼굴", "a red apple", "a cat on the sofa", "cherry blossom"]
@@ -31,9 +32,9 @@ def pairs(tmp_path_factory):
         array = np.zeros((40, 40, 3), np.uint8) + rng.integers(0, 255, 3, dtype=np.uint8)
         array[i * 4:(i + 1) * 4] = 255 - array[0, 0]
         Image.fromarray(array).save(root / f"{i}.png")
-        records.append(Record(id=str(i), image=str(root / f"{i}.png"), captions=[caption], split="train", group=str(i)))
+        records.append(Item(id=str(i), uri=str(root / f"{i}.png"), captions=(caption,), split="train", group=str(i)))
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    records.append(Record(id="broken", image=str(root / "broken.png"), captions=["망가진 그림"], split="train", group="b"))
+    records.append(Item(id="broken", uri=str(root / "broken.png"), captions=("망가진 그림",), split="train", group="b"))
     manifest = str(root / "manifest.jsonl")
     write_manifest(manifest, records)
     return manifest
@@ -86,7 +87,7 @@ def test_resume_is_bit_exact(pairs, tmp_path):
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     assert losses(whole.out) == losses(parts.out)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(UsageError, match="batch_size"):
         train(dataclasses.replace(parts, batch_size=4), None, resume=True, progress=False)
 
 

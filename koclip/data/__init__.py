@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-from koclip.data.manifest import ManifestError, Record, read_manifest, write_manifest
+from koclip.data.manifest import Item, iter_manifest, read_manifest, write_manifest
 
-__all__ = ["ManifestError", "Record", "cache_dir", "read_manifest", "write_manifest"]
+__all__ = ["Item", "cache_dir", "iter_manifest", "read_manifest", "write_manifest"]
 
 
 def cache_dir() -> str:

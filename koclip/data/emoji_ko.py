@@ -30,7 +30,7 @@ one base emoji land in the same split. The group key is the emoji's code points 
    holding hands, family 👪, handshake 🤝, bunny ears 👯, wrestling 🤼);
 written as lowercase hex code points joined by "-" (ZWJ parts joined by "-200d-"). So 👍🏽 and 👍
 share group `1f44d`; 👮‍♀️, 👮🏿 and 👮 share `1f46e`; 👩‍🦰, 👨🏿 and 🧑 share `1f9d1`; 👩‍⚕️ and 🧑🏽‍⚕️
-share `1f9d1-200d-2695`. Record ids are the emoji's own code points in the same notation
+share `1f9d1-200d-2695`. Item ids are the emoji's own code points in the same notation
 (`1f468-1f3fd-200d-2695-fe0f`). A group's split is `sha256("emoji-ko/" + group)` read as a
 fraction of 2**64: < 0.8 train, < 0.9 val, else test; it depends on nothing but the group key,
 so it does not change when emoji are added or `--limit` is used.
@@ -51,7 +51,6 @@ inputs give byte-identical manifests; PNG bytes depend on the Pillow/zlib versio
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -62,8 +61,10 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
+from koclip.cli import ArgumentParser, run_cli
 from koclip.data import cache_dir
-from koclip.data.manifest import SPLITS, Record, ManifestError, read_manifest, write_manifest
+from koclip.data.manifest import SPLITS, Item, read_manifest, write_manifest
+from koclip.errors import MissingDependency, UsageError
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FONT_SIZE = 109  # the only bitmap strike of Noto Color Emoji
@@ -75,10 +76,6 @@ SKIP_REASONS = ("missing_glyph", "not_one_glyph", "blank")
 
 FONT_INSTALL = "apt-get install fonts-noto-color-emoji"
 EMOJI_INSTALL = "pip install emoji"
-
-
-class MissingDependency(RuntimeError):
-    """Something the build needs is not installed; the message says how to install it."""
 
 
 # --- group keys -----------------------------------------------------------------------------
@@ -272,9 +269,9 @@ def build_emoji_ko(out: str | None = None, size: int = DEFAULT_SIZE, limit: int 
     """Build (or rebuild in place) emoji-ko into `out`; returns the build info with its counts."""
     out = os.path.abspath(out or default_out())
     if size < 16:
-        raise ValueError(f"size must be at least 16 px, got {size}")
+        raise UsageError(f"size must be at least 16 px, got {size}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+        raise UsageError(f"limit must be at least 1, got {limit}")
     check_font(font_path)
     items = select(candidates(), limit)
     started = time.perf_counter()
@@ -304,7 +301,7 @@ def build_emoji_ko(out: str | None = None, size: int = DEFAULT_SIZE, limit: int 
             continue
         group = group_key(text)
         rid = emoji_id(text)
-        records.append(Record(rid, f"images/{rid}.png", [caption], split_of(group), group, {"emoji": text}))
+        records.append(Item(rid, f"images/{rid}.png", (caption,), split_of(group), group, extra={"emoji": text}))
 
     keep = {f"{r.id}.png" for r in records}
     for name in os.listdir(images_dir):  # images of an earlier, larger or different build
@@ -360,7 +357,7 @@ def is_complete(out: str, size: int = DEFAULT_SIZE, limit: int | None = None) ->
         records = read_manifest(os.path.join(out, "manifest.jsonl"))
     except (OSError, ValueError, KeyError, TypeError, MissingDependency):
         return False
-    return len(records) == info["counts"]["rendered"] and all(os.path.isfile(r.image) for r in records)
+    return len(records) == info["counts"]["rendered"] and all(os.path.isfile(r.uri) for r in records)
 
 
 def ensure_emoji_ko(out: str | None = None, size: int = DEFAULT_SIZE, limit: int | None = None) -> str:
@@ -395,7 +392,7 @@ def format_counts(info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m koclip.data.emoji_ko",
         description="Build the emoji-ko dataset: fully-qualified emoji drawn with Noto Color Emoji, "
                     "captioned with their Korean names, split train/val/test by emoji group.")
@@ -406,18 +403,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
     parser.add_argument("--font", default=FONT_PATH, help="Noto Color Emoji font file (default %(default)s)")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         info = build_emoji_ko(args.out, size=args.size, limit=args.limit, workers=args.workers,
                               font_path=args.font, progress=sys.stderr.isatty())
-    except MissingDependency as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, ManifestError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_counts(info))
-    print(f"manifest:    {os.path.join(info['out'], 'manifest.jsonl')}")
-    return 0
+        print(format_counts(info))
+        print(f"manifest:    {os.path.join(info['out'], 'manifest.jsonl')}")
+
+    return run_cli("koclip.data.emoji_ko", run)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ a model must carry its tokenizer files (our checkpoints do).
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import importlib.util
 import json
@@ -52,7 +51,9 @@ import unicodedata
 import zipfile
 from typing import Callable, Iterable, Sequence
 
+from koclip.cli import ArgumentParser, run_cli
 from koclip.data import cache_dir
+from koclip.errors import MissingDependency, UsageError
 
 KONLPY_INSTALL = "pip install konlpy"
 INFO_NAME = "koclip_vocab_info.json"
@@ -69,10 +70,6 @@ _OKT_WORD_LISTS = ("noun/nouns.txt", "noun/entities.txt", "adverb/adverb.txt",
 # Kkma tags of morphemes that stand at the start of a word (not particles J*, endings E*,
 # suffixes XS*, or the copula).
 _FREE_TAGS = ("NNA", "NNB", "NP", "NR", "VV", "VA", "VX", "MAG", "MAC", "MD", "IC", "XR", "XPN")
-
-
-class MissingDependency(RuntimeError):
-    """A corpus source's package is not installed; the message says how to install it."""
 
 
 # --- sources --------------------------------------------------------------------------------
@@ -167,7 +164,7 @@ def korean_corpus(sources: Sequence[str] = DEFAULT_SOURCES) -> dict[str, list[st
     """Cleaned, non-empty corpus lines per source name."""
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
-        raise ValueError(f"unknown corpus source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
+        raise UsageError(f"unknown corpus source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
     corpus = {}
     for name in sources:
         lines = (clean_line(line) for line in SOURCES[name][1]())
@@ -271,7 +268,7 @@ def caption_stats(tokenizer, captions: Sequence[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m koclip.data.korean_vocab",
         description="Train (or reuse) a Korean WordPiece vocabulary on Korean text shipped in PyPI "
                     "packages (konlpy corpora and dictionaries, emoji Korean names).")
@@ -286,24 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = os.path.abspath(args.out or default_tokenizer_dir(args.vocab_size, sources))
     from koclip.data import emoji_ko
 
-    try:
+    def run():
         tokenizer = build_korean_tokenizer(out_dir, args.vocab_size, sources, rebuild=args.rebuild)
         captions = [caption for _, caption in emoji_ko.candidates()]
-    except (MissingDependency, emoji_ko.MissingDependency, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    info = _read_info(out_dir) or {}
-    print(f"Korean WordPiece tokenizer in {out_dir}")
-    for name, size in info.get("corpus", {}).items():
-        print(f"  {name:<11} {size['lines']:>8,} lines {size['chars']:>11,} chars   {SOURCES[name][0]}")
-    print(f"corpus:     {info.get('lines', 0):,} lines, {info.get('chars', 0):,} chars")
-    print(f"vocab size: {len(tokenizer)} (asked for {args.vocab_size})")
-    for text in EXAMPLES:
-        print(f"  {text} -> {' '.join(tokenizer.tokenize(text))}")
-    stats = caption_stats(tokenizer, captions)
-    print(f"emoji captions: {stats['captions']}, {stats['tokens_per_caption']:.2f} tokens per caption, "
-          f"UNK rate {stats['unk_rate']:.4%} ({stats['captions_with_unk']} captions with an UNK)")
-    return 0
+        info = _read_info(out_dir) or {}
+        print(f"Korean WordPiece tokenizer in {out_dir}")
+        for name, size in info.get("corpus", {}).items():
+            print(f"  {name:<11} {size['lines']:>8,} lines {size['chars']:>11,} chars   {SOURCES[name][0]}")
+        print(f"corpus:     {info.get('lines', 0):,} lines, {info.get('chars', 0):,} chars")
+        print(f"vocab size: {len(tokenizer)} (asked for {args.vocab_size})")
+        for text in EXAMPLES:
+            print(f"  {text} -> {' '.join(tokenizer.tokenize(text))}")
+        stats = caption_stats(tokenizer, captions)
+        print(f"emoji captions: {stats['captions']}, {stats['tokens_per_caption']:.2f} tokens per caption, "
+              f"UNK rate {stats['unk_rate']:.4%} ({stats['captions_with_unk']} captions with an UNK)")
+
+    return run_cli("koclip.data.korean_vocab", run)
 
 
 if __name__ == "__main__":

@@ -1,188 +1,270 @@
-"""The image/caption manifest: JSONL, one record per line.
+"""Manifests: the item lists training and embedding read. One reader, one item record.
+
+A manifest is JSONL (`.jsonl`/`.json`), CSV (`.csv`) or Parquet (`.parquet`), one item a row:
 
     {"id": "1f436", "image": "images/1f436.png", "captions": ["강아지 얼굴"], "split": "train", "group": "1f436"}
 
-- `id` (string; an integer is taken as its decimal string): unique within the manifest.
-- `image`: a path or URL. A relative one is relative to the manifest's folder and is resolved
-  against it with the manifest's own scheme (`images/a.png` in `gs://b/m.jsonl` is
-  `gs://b/images/a.png`; in a local manifest it becomes an absolute local path).
-- `captions`: a list of strings, or one string. Empty and whitespace-only captions do not count;
-  at least one must remain. Surrounding whitespace is stripped.
-- `split` (optional): "train", "val" or "test".
-- `group` (optional): records of one group belong together (e.g. variants of one emoji) and
-  are never split across train/val/test.
-Other keys are kept in `Record.extra` and written back unchanged. Blank lines are ignored.
+- `id` (a string; an integer is taken as its decimal string): unique within the manifest.
+- `image` (also spelled `uri`, `image_uri` or `path`): a path or URL. A relative one is relative
+  to the manifest's folder and is resolved with the manifest's own scheme (`images/a.png` in
+  `gs://b/m.jsonl` is `gs://b/images/a.png`; in a local manifest, an absolute local path).
+- `captions` (also `caption` or `text`): a list of strings, or one string; in CSV a JSON list
+  or a plain string.
+- `split` (optional): "train", "val" or "test". `group` (optional): items of one group (e.g.
+  the variants of one emoji) are never split across train/val/test.
+- `caption_uri` (optional): a text file holding the caption, read by the embedding workers.
+Other keys are kept in `Item.extra` and written back unchanged. Blank JSONL lines are ignored.
 
-A bad line (not JSON, missing `id` or `image`, no caption, a repeated id, a bad split) is
-rejected when the manifest is loaded: `ManifestError` names the file and line, e.g.
-`data/manifest.jsonl:17: no caption`; when several lines are bad the message names the first
-and counts the rest, and `.errors` lists them all.
+Two modes, one set of rules for what a row is:
+- strict (`read_manifest`, training and evaluation): every item needs a caption (surrounding
+  whitespace stripped, empty ones dropped) and a known split; every bad row is collected and
+  the ManifestError names the first and counts the rest (`.errors` lists them all).
+- lenient (`iter_manifest`, the embedding pipeline): streamed row by row; a missing or empty
+  caption is the pipeline's business (a dead letter), so only a row that cannot be an item at
+  all (no id or image, not an object, not JSON) stops the listing, at the first such row.
+Both refuse repeated ids, checked through 8-byte hashes so that streaming 10M rows holds 80 MB,
+then named by a second pass over the file.
 """
 from __future__ import annotations
 
+import array
+import csv
+import hashlib
+import io
 import json
 import os
 import posixpath
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable
+
+import numpy as np
 
 from koclip import fs
+from koclip.errors import ManifestError, NotFoundError, UsageError
 
 SPLITS = ("train", "val", "test")
-_KNOWN_KEYS = ("id", "image", "captions", "split", "group")
+MANIFEST_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+IMAGE_KEYS = ("image", "uri", "image_uri", "path")
+CAPTION_KEYS = ("captions", "caption", "text")
+_KNOWN_KEYS = ("id", *IMAGE_KEYS, *CAPTION_KEYS, "split", "group", "caption_uri")
 
 
-class ManifestError(ValueError):
-    """A manifest with bad lines; `errors` holds one "file:line: reason" string per bad line."""
+@dataclass(frozen=True)
+class Item:
+    """One image and its captions, as training, embedding and reindexing see it."""
 
-    def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        message = self.errors[0]
-        if len(self.errors) > 1:
-            rest = "; ".join(self.errors[1:4]) + ("; ..." if len(self.errors) > 4 else "")
-            message += f" (and {len(self.errors) - 1} more bad line(s): {rest})"
-        super().__init__(message)
-
-
-@dataclass
-class Record:
     id: str
-    image: str
-    captions: list[str]
+    uri: str  # the image: a local path or a URL
+    captions: tuple[str, ...] = ()
     split: str | None = None
     group: str | None = None
-    extra: dict = field(default_factory=dict)
+    caption_uri: str | None = None  # a sidecar caption file, read by the embedding workers
+    extra: dict = field(default_factory=dict, compare=False)  # the row's other keys
 
     def to_json(self) -> dict:
-        out: dict = {"id": self.id, "image": self.image, "captions": list(self.captions)}
-        if self.split is not None:
-            out["split"] = self.split
-        if self.group is not None:
-            out["group"] = self.group
+        """The manifest row (`image` key, as written: not re-relativised)."""
+        out: dict = {"id": self.id, "image": self.uri, "captions": list(self.captions)}
+        for key in ("split", "group", "caption_uri"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         out.update({k: v for k, v in self.extra.items() if k not in _KNOWN_KEYS})
         return out
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
+def is_manifest(path: str) -> bool:
+    return path.lower().endswith(MANIFEST_EXTENSIONS)
 
 
 def resolve_uri(image: str, manifest_path: str) -> str:
     """`image` as written in the manifest at `manifest_path` -> a path or URL usable on its own."""
-    if _is_url(image) or os.path.isabs(image) or image.startswith("/"):
+    if fs.is_url(image) or os.path.isabs(image) or image.startswith("/"):
         return image
-    if _is_url(manifest_path):
+    if fs.is_url(manifest_path):
         scheme, rest = manifest_path.split("://", 1)
-        joined = posixpath.normpath(posixpath.join(posixpath.dirname(rest), image))
-        return f"{scheme}://{joined}"
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), image))}"
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(manifest_path)), image))
 
 
-def _parse_line(obj) -> tuple[Record | None, str | None]:
-    """One decoded JSON value -> (record, None) or (None, reason)."""
-    if not isinstance(obj, dict):
-        return None, f"not a JSON object (got {type(obj).__name__})"
-    if "id" not in obj:
-        return None, "missing field 'id'"
-    rid = obj["id"]
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
-        return None, f"'id' must be a non-empty string, got {rid!r}"
-    rid = str(rid)
-    if "image" not in obj:
-        return None, "missing field 'image'"
-    image = obj["image"]
-    if not isinstance(image, str) or not image.strip():
-        return None, f"'image' must be a non-empty string, got {image!r}"
-    captions = obj.get("captions")
-    if captions is None:
-        return None, "no caption (missing field 'captions')"
-    if isinstance(captions, str):
-        captions = [captions]
-    if not isinstance(captions, list):
-        return None, f"'captions' must be a list of strings or a string, got {type(captions).__name__}"
-    if not all(isinstance(c, str) for c in captions):
-        bad = next(c for c in captions if not isinstance(c, str))
-        return None, f"'captions' must hold strings only, got {bad!r}"
-    captions = [c.strip() for c in captions if c.strip()]
+# ---------------------------------------------------------------- one row
+
+
+def _bad(where: str, reason: str) -> ManifestError:
+    return ManifestError(f"{where}: {reason}")
+
+
+def _captions(row: dict, where: str, strict: bool) -> tuple[str, ...]:
+    key = next((k for k in CAPTION_KEYS if row.get(k) is not None), None)
+    value = row[key] if key else None
+    if value is None:
+        if strict:
+            raise _bad(where, "no caption (missing field 'captions')")
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _bad(where, f"'{key}' must be a list of strings or a string, got {type(value).__name__}")
+    bad = next((c for c in value if not isinstance(c, str)), None)
+    if bad is not None:
+        raise _bad(where, f"'{key}' must hold strings only, got {bad!r}")
+    if not strict:
+        return tuple(value)
+    captions = tuple(c.strip() for c in value if c.strip())
     if not captions:
-        return None, "no caption (every caption is empty or whitespace)"
-    split = obj.get("split")
-    if split is not None and split not in SPLITS:
-        return None, f"'split' must be one of {', '.join(SPLITS)}, got {split!r}"
-    group = obj.get("group")
-    if group is not None and not isinstance(group, (str, int)):
-        return None, f"'group' must be a string, got {group!r}"
-    extra = {k: v for k, v in obj.items() if k not in _KNOWN_KEYS}
-    return Record(rid, image.strip(), captions, split, None if group is None else str(group), extra), None
+        raise _bad(where, "no caption (every caption is empty or whitespace)")
+    return captions
 
 
-def parse_manifest(text: str, path: str = "<manifest>") -> list[Record]:
-    """Parse manifest text; image uris are returned as written (not resolved)."""
-    records: list[Record] = []
-    errors: list[str] = []
-    first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def parse_row(row, where: str, manifest_path: str, strict: bool = False) -> Item:
+    """One manifest row (a dict) -> an Item with its uris resolved; ManifestError naming `where`."""
+    if not isinstance(row, dict):
+        raise _bad(where, f"not a JSON object (got {type(row).__name__})")
+    rid = row.get("id")
+    if rid is None:
+        raise _bad(where, "missing field 'id'")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip():
+        raise _bad(where, f"'id' must be a non-empty string or an integer, got {rid!r}")
+    key = next((k for k in IMAGE_KEYS if row.get(k) is not None), None)
+    if key is None:
+        raise _bad(where, f"missing field 'image' (or {', '.join(IMAGE_KEYS[1:])})")
+    image = row[key]
+    if not isinstance(image, str) or not image.strip():
+        raise _bad(where, f"'{key}' must be a non-empty string, got {image!r}")
+    captions = _captions(row, where, strict)
+    split = row.get("split")
+    split = None if split in (None, "") else str(split)
+    if strict and split is not None and split not in SPLITS:
+        raise _bad(where, f"'split' must be one of {', '.join(SPLITS)}, got {split!r}")
+    group = row.get("group")
+    if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
+        raise _bad(where, f"'group' must be a string, got {group!r}")
+    caption_uri = row.get("caption_uri")
+    if caption_uri is not None and (not isinstance(caption_uri, str) or not caption_uri.strip()):
+        raise _bad(where, f"'caption_uri' must be a non-empty string, got {caption_uri!r}")
+    return Item(str(rid), resolve_uri(image.strip(), manifest_path), captions, split,
+                None if group is None else str(group),
+                resolve_uri(caption_uri.strip(), manifest_path) if caption_uri else None,
+                {k: v for k, v in row.items() if k not in _KNOWN_KEYS})
+
+
+# ---------------------------------------------------------------- rows of a file
+
+
+def _jsonl_rows(lines: Iterable[str], path: str):
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield json.loads(line), f"{path}:{lineno}"
         except json.JSONDecodeError as e:
-            errors.append(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
-            continue
-        record, reason = _parse_line(obj)
-        if reason is not None:
-            errors.append(f"{path}:{lineno}: {reason}")
-            continue
-        if record.id in first_line:
-            errors.append(f"{path}:{lineno}: duplicate id {record.id!r} (first on line {first_line[record.id]})")
-            continue
-        first_line[record.id] = lineno
-        records.append(record)
-    if errors:
-        raise ManifestError(errors)
-    return records
+            yield ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"), f"{path}:{lineno}"
 
 
-def read_manifest(path: str | os.PathLike, split: str | None = None) -> list[Record]:
-    """Records of a manifest (local path or fsspec URL), relative image uris resolved.
+def _csv_rows(lines: Iterable[str], path: str):
+    for lineno, row in enumerate(csv.DictReader(lines), start=2):
+        for key in CAPTION_KEYS:
+            text = row.get(key)
+            if text is not None and text.lstrip().startswith("["):
+                try:
+                    row[key] = json.loads(text)
+                except json.JSONDecodeError:
+                    pass  # a caption that happens to start with "["
+        yield {k: v for k, v in row.items() if v != "" or k in CAPTION_KEYS}, f"{path}:{lineno}"
 
-    With `split`, only the records of that split ("train", "val" or "test").
-    Raises FileNotFoundError for a missing file and ManifestError for bad lines.
-    """
-    path = os.fspath(path)
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+def _parquet_rows(binary, path: str):
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(binary).iter_batches(batch_size=10_000):
+        for row in batch.to_pylist():
+            number += 1
+            yield row, f"{path}: row {number}"
+
+
+def _rows(path: str) -> Iterator[tuple[object, str]]:
+    """(row or the ManifestError it is, where) for every row of the file, streamed."""
+    lower = path.lower()
     try:
-        raw = fs.read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"manifest not found: {path}") from None
-    try:
-        text = raw.decode("utf-8-sig")
+        with fs.open(path) as binary:
+            if lower.endswith(".parquet"):
+                yield from _parquet_rows(binary, path)
+                return
+            csv_file = lower.endswith(".csv")
+            text = io.TextIOWrapper(binary, encoding="utf-8-sig", newline="" if csv_file else None)
+            yield from (_csv_rows if csv_file else _jsonl_rows)(text, path)
+    except NotFoundError:
+        raise NotFoundError(f"manifest not found: {path}") from None
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ManifestError([f"{path}:{line}: not UTF-8 text"]) from None
-    records = parse_manifest(text, path)
-    for record in records:
-        record.image = resolve_uri(record.image, path)
-    if split is not None:
-        records = [r for r in records if r.split == split]
-    return records
+        raise ManifestError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
-def dumps_manifest(records: Iterable[Record]) -> str:
-    return "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records)
+def _id_hash(item_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def write_manifest(path: str | os.PathLike, records: Iterable[Record]) -> str:
-    """Write records as JSONL (UTF-8, image uris as given), atomically for local files."""
+def _duplicates(path: str, hashes: array.array, strict: bool) -> list[str]:
+    """"where: duplicate id ..." for each repeated id (a second pass, only when hashes repeat)."""
+    sorted_hashes = np.sort(np.frombuffer(hashes, dtype=np.int64))
+    repeated = set(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]].tolist())
+    if not repeated:
+        return []
+    first: dict[str, str] = {}
+    found = []
+    for row, where in _rows(path):
+        if isinstance(row, dict) and row.get("id") is not None and _id_hash(str(row["id"])) in repeated:
+            rid = str(row["id"])
+            if rid in first:
+                found.append(f"{where}: duplicate id {rid!r} (first at {first[rid]})")
+            else:
+                first[rid] = where
+    return found
+
+
+def iter_manifest(path: str | os.PathLike, strict: bool = False) -> Iterator[Item]:
+    """The manifest's items in file order, streamed (module docstring for the two modes).
+    NotFoundError for a missing file, ManifestError for bad rows (strict: after the last row)."""
     path = os.fspath(path)
-    records = list(records)
+    errors, hashes = [], array.array("q")
+    for row, where in _rows(path):
+        try:
+            if isinstance(row, ManifestError):
+                raise row
+            item = parse_row(row, where, path, strict)
+        except ManifestError as e:
+            if not strict:
+                raise
+            errors.append(str(e))
+            continue
+        hashes.append(_id_hash(item.id))
+        yield item
+    errors += _duplicates(path, hashes, strict)
+    if errors:
+        raise ManifestError(errors if strict else errors[:1])
+
+
+def read_manifest(path: str | os.PathLike, split: str | None = None) -> list[Item]:
+    """Every item of a manifest, strictly checked (local path or URL), relative uris resolved.
+    With `split`, only the items of that split ("train", "val" or "test")."""
+    if split is not None and split not in SPLITS:
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    items = list(iter_manifest(path, strict=True))
+    return items if split is None else [i for i in items if i.split == split]
+
+
+def dumps_manifest(items: Iterable[Item]) -> str:
+    return "".join(json.dumps(i.to_json(), ensure_ascii=False) + "\n" for i in items)
+
+
+def write_manifest(path: str | os.PathLike, items: Iterable[Item]) -> str:
+    """Write items as JSONL (UTF-8, uris as given), atomically; refuses what read_manifest would."""
+    path = os.fspath(path)
+    items = list(items)
     seen: set[str] = set()
-    for r in records:
-        if r.id in seen:
-            raise ValueError(f"duplicate id {r.id!r}")
-        seen.add(r.id)
-        if not any(c.strip() for c in r.captions):
-            raise ValueError(f"record {r.id!r} has no caption")
-    fs.write_bytes(path, dumps_manifest(records).encode("utf-8"))
+    for item in items:
+        if item.id in seen:
+            raise ValueError(f"duplicate id {item.id!r}")
+        seen.add(item.id)
+        if not any(c.strip() for c in item.captions):
+            raise ValueError(f"item {item.id!r} has no caption")
+    fs.write_bytes(path, dumps_manifest(items).encode("utf-8"))
     return path

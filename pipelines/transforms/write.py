@@ -44,12 +44,9 @@ def done_path(output: str, index: int) -> str:
 
 def read_dead_letters(output: str) -> list[dict]:
     """Every dead-letter record of an output folder, unit by unit."""
-    import fsspec
-
-    filesystem, root = fsspec.core.url_to_fs(output)
     records = []
-    for path in sorted(filesystem.glob(f"{root.rstrip('/')}/{DEAD_LETTER_DIR}/unit-*.jsonl")):
-        records += [json.loads(line) for line in filesystem.cat_file(path).decode().splitlines() if line]
+    for path in fs.glob(fs.join(output, DEAD_LETTER_DIR, "unit-*.jsonl")):
+        records += [json.loads(line) for line in fs.read_bytes(path).decode().splitlines() if line]
     return records
 
 

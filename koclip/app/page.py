@@ -28,12 +28,14 @@ import streamlit as st
 from PIL import Image
 
 from koclip import fs
-from koclip.processing import ImageDecodeError, open_image
+from koclip.errors import ImageDecodeError, KoclipError, QueryError
+from koclip.processing import open_image
+from koclip.query import prompts
 
 log = logging.getLogger("koclip.app")
 
 TABS = ("Text → Image", "Image → Text", "Text → Patch")
-DEFAULT_TEMPLATE = "이것은 {} 이다."
+DEFAULT_TEMPLATE = prompts.DEFAULT_TEMPLATE
 DEFAULT_LABELS = "고양이\n강아지\n자동차\n사과\n꽃"
 IMAGE_FORMATS = "PNG, JPEG, GIF, WebP or BMP"
 GRID_COLUMNS = 4
@@ -42,7 +44,7 @@ PICK_LIMIT = 5000  # index items offered by the "from the index" picker
 SOURCES = ("Upload", "From the index")
 
 
-class InputError(ValueError):
+class InputError(KoclipError):
     """Something the visitor typed or uploaded that cannot be used; the message says how to fix it."""
 
 
@@ -62,10 +64,10 @@ def parse_labels(text: str) -> list[str]:
 
 
 def check_template(template: str) -> str:
-    if template.count("{}") != 1:
-        raise InputError(f"The template must contain {{}} exactly once, where each label goes "
-                         f"(for example {DEFAULT_TEMPLATE}); got “{template}”.")
-    return template
+    try:
+        return prompts.check_template(template)
+    except QueryError as e:
+        raise InputError(f"{str(e)[0].upper()}{str(e)[1:]}.") from None
 
 
 def check_text(text: str, what: str = "a query") -> str:
@@ -145,7 +147,6 @@ def read_image(uri: str) -> bytes | None:
 def run(compute):
     """A call into koclip.query; what it refuses becomes an InputError with its message, anything
     else is logged and reported on the page, so one bad request never takes the app down."""
-    from koclip.query import QueryError
 
     try:
         return compute()

@@ -1,6 +1,11 @@
 """Run the demo app in a subprocess and drive it in headless Chromium.
 
-Shared by `python -m koclip.app --screenshots DIR` and the browser tests (tests/test_app.py):
+Used by the browser tests (tests/test_app.py) and, as a script, to take the screenshots of
+docs/app.md:
+
+    python tests/app_harness.py docs/screenshots [--index DIR] [--model DIR]
+
+It holds:
 - `AppServer`: `python -m koclip.app` on 127.0.0.1 and a free port, ready once
   `/_stcore/health` answers; its output goes to a log file, shown when it fails to start.
 - `launch_chromium(playwright)`: Debian's /usr/bin/chromium through Playwright (the browser
@@ -257,3 +262,24 @@ def take_screenshots(out_dir: str | os.PathLike, index: str, model: str, query: 
             browser.close()
     (out / "server.log").unlink(missing_ok=True)
     return written
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from koclip.data import demo_index_dir, demo_model_dir
+
+    parser = argparse.ArgumentParser(prog="python tests/app_harness.py",
+                                     description="Screenshot each tab of the demo app (headless Chromium).")
+    parser.add_argument("out", help="folder for the PNGs")
+    parser.add_argument("--index", default=demo_index_dir())
+    parser.add_argument("--model", default=demo_model_dir())
+    args = parser.parse_args(argv)
+    for path in take_screenshots(args.out, index=args.index, model=args.model):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,14 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from koclip.errors import PatchError
 
 MODES = ("crops", "tokens")
 
 Box = tuple[int, int, int, int]
-
-
-class PatchError(ValueError):
-    """A bad grid, mode or text for rank_patches."""
 
 
 def parse_grid(grid: int | str | Sequence[int]) -> tuple[int, int]:

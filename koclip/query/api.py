@@ -1,53 +1,20 @@
-"""Query an index from Python or the shell: search, zero-shot classification, text-to-patch ranking.
-
-  python -m koclip.query "빨간 사과" [--index DIR] [--model DIR] [-k 10] [--json]
-  python -m koclip.query --image photo.jpg                   images most like a picture
-  python -m koclip.query --classify photo.jpg --labels 사과,배,고양이 [--template "이것은 {} 이다."]
-  python -m koclip.query --patches photo.jpg --text "빨간 사과" [--grid 3x3] [--mode tokens] [--out heat.png]
-
-Without --index/--model the demo index (`python -m pipelines.index`) and the demo model
-(`python -m jobs.train`) in ~/.cache/koclip are used. In Python:
-
-  from koclip.query import search, classify, rank_patches
-  search("소파 위에 고양이", k=10)          # -> [Hit(rank, score, id, uri, captions, item_id), ...]
-
-A `str` query is always text; an image is a `pathlib.Path`, `bytes` or a `PIL.Image.Image`; a
-numpy vector [D] (or [N, D]) is searched as it is, after L2 normalisation. A list is a batch and
-gets a list of hit lists. Models and indexes given by path are loaded once per process and
-reused (`cache_info()`, `clear_cache()`); queries are embedded through
-koclip.encoders.checkpoint_encoders, the functions evaluation and the embedding pipeline use.
-"""
+"""The query API (koclip.query re-exports it): models and indexes cached per process, search,
+classify and rank_patches."""
 from __future__ import annotations
 
 import os
 import pathlib
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from koclip.processing import ImageDecodeError
+from koclip.errors import FingerprintMismatch, ImageDecodeError, IndexFolderError, QueryError, QueryImageError
+from koclip.query.prompts import DEFAULT_TEMPLATE, prompts
 
-DEFAULT_TEMPLATE = "이것은 {} 이다."  # the zero-shot prompt jobs.evaluate uses
 DEFAULT_BATCH_SIZE = 8  # the fixed encoder batch: small, since queries come one or a few at a time
 IMAGE_TYPES = (pathlib.PurePath, bytes, bytearray, memoryview, Image.Image)
-
-
-class QueryError(ValueError):
-    """A query that cannot be answered as asked (missing index or model, bad arguments)."""
-
-
-class QueryImageError(ImageDecodeError, QueryError):
-    """A query image that cannot be decoded; `reason` is ImageDecodeError's tag (not_an_image, ...)."""
-
-    def __init__(self, reason: str, message: str, what: str):
-        super().__init__(reason, f"query image {what}: {message}")
-
-
-class FingerprintMismatch(QueryError):
-    """The index was built from embeddings of another model than the one embedding the queries."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +76,7 @@ class QueryModel:
         return np.asarray(self.encoders.texts(texts), dtype=np.float32)
 
     def embed_patches(self, pixels: np.ndarray) -> np.ndarray:
-        """Per-patch-token embeddings [B, P, D] of preprocessed pixels (koclip.patches, mode tokens)."""
+        """Per-patch-token embeddings [B, P, D] of preprocessed pixels (koclip.query.patches, mode tokens)."""
         if self._patch_encoder is None:
             from koclip.modeling.parallel import BatchEncoder
 
@@ -163,7 +130,7 @@ def load_index(path=None):
         if key not in _INDEXES or _INDEXES[key][0] != version:
             _INDEXES[key] = (version, faiss_index.load_index(version))
             _LOADS["index"] += 1
-    except faiss_index.INDEX_ERROR as e:  # not an index, or an inconsistent one
+    except IndexFolderError as e:  # not an index, or an inconsistent one
         raise QueryError(str(e)) from e
     return _INDEXES[key][1]
 
@@ -295,14 +262,13 @@ def classify(image, labels, template: str = DEFAULT_TEMPLATE, model=None):
         raise QueryError("a label is empty")
     if len(set(labels)) != len(labels):
         raise QueryError("the labels repeat: " + ", ".join(sorted({x for x in labels if labels.count(x) > 1})))
-    if not isinstance(template, str) or "{}" not in template:
-        raise QueryError(f"the prompt template must contain '{{}}' for the label, got {template!r}")
+    texts = prompts(template, labels)
     images, single = ([image], True) if not isinstance(image, (list, tuple)) else (list(image), False)
     if not images:
         return []
     m = _model(model)
-    prompts = m.embed_texts([template.format(label) for label in labels]).astype(np.float64)
-    logits = m.logit_scale * (m.embed_images(images).astype(np.float64) @ prompts.T)
+    prompt_vectors = m.embed_texts(texts).astype(np.float64)
+    logits = m.logit_scale * (m.embed_images(images).astype(np.float64) @ prompt_vectors.T)
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     results = [[(labels[j], float(p[j])) for j in np.argsort(-p, kind="stable")] for p in probs]
@@ -310,26 +276,10 @@ def classify(image, labels, template: str = DEFAULT_TEMPLATE, model=None):
 
 
 def rank_patches(text: str, image, grid=(3, 3), mode: str = "crops", model=None):
-    """Score a rows x cols grid of cells of `image` against `text` (koclip.patches explains the
-    "crops" and "tokens" modes); returns a koclip.patches.PatchRanking with boxes, scores,
+    """Score a rows x cols grid of cells of `image` against `text` (koclip.query.patches explains the
+    "crops" and "tokens" modes); returns a koclip.query.patches.PatchRanking with boxes, scores,
     ranks, score_grid, overlay() and save_overlay(path)."""
-    from koclip.patches import PatchError, rank_patches_with
+    from koclip.query.patches import rank_patches_with
 
-    try:
-        return rank_patches_with(_model(model), text, image, grid, mode)
-    except PatchError as e:  # bad grid, mode or text
-        raise QueryError(str(e)) from None
+    return rank_patches_with(_model(model), text, image, grid, mode)
 
-
-# ---------------------------------------------------------------- command line
-
-
-def main(argv=None) -> int:
-    """`python -m koclip.query` (koclip/query_cli.py); returns the exit status."""
-    from koclip.query_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,9 @@ import sys
 
 import numpy as np
 
-from koclip.config import NAMED_CONFIGS, ConfigError
+from koclip.cli import ArgumentParser, run_cli
+from koclip.config import NAMED_CONFIGS
+from koclip.errors import UsageError
 
 log = logging.getLogger("koclip")
 
@@ -133,12 +135,8 @@ def cmd_embed_image(args) -> None:
         _print_matrix("probability of each text, per image", args.images, args.text, probs)
 
 
-class UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="koclip", description=__doc__,
+    parser = ArgumentParser(prog="koclip", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,15 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from koclip.checkpoint import CheckpointError
-    from koclip.processing import ImageDecodeError
-
-    try:
-        args.run(args)
-    except (FileNotFoundError, CheckpointError, ConfigError, ImageDecodeError, UsageError) as e:
-        print(f"koclip: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("koclip", lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 """`python -m koclip.query`: search, classify and rank patches from the shell (see koclip.query).
 
 Each mode prints a table, or JSON with --json; a mistake (no index or model, an image that does
-not decode, a bad template or grid) prints one line `query: error: ...` and exits with status 2.
+not decode, a bad template or grid) prints one line `koclip.query: error: ...` and exits with
+status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import unicodedata
 from dataclasses import asdict
 
+from koclip.cli import ArgumentParser, run_cli
 from koclip.query import (DEFAULT_TEMPLATE, Hit, QueryError, QueryImageError, classify, rank_patches,
                           search)
 from koclip.query import __doc__ as QUERY_DOC
+
 
 def _read_image(path: str) -> bytes:
     """The bytes of a query image named on the command line (local path or any fsspec URL),
@@ -102,8 +104,8 @@ def _run_patches(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m koclip.query", description=QUERY_DOC,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m koclip.query", description=QUERY_DOC,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="text queries (each one is searched)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image query, local or gs:// (repeatable)")
@@ -126,17 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from koclip.checkpoint import CheckpointError
-    from koclip.config import ConfigError
 
-    try:
+    def run():
         if args.classify and args.patches:
             raise QueryError("give one of --classify and --patches, not both")
         if (args.classify or args.patches) and (args.texts or args.image):
             raise QueryError("--classify and --patches take no search queries (TEXT or --image)")
-        run = _run_classify if args.classify else _run_patches if args.patches else _run_search
-        run(args)
-    except (QueryError, FileNotFoundError, CheckpointError, ConfigError) as e:
-        print(f"query: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        mode = _run_classify if args.classify else _run_patches if args.patches else _run_search
+        mode(args)
+
+    return run_cli("koclip.query", run)

@@ -7,13 +7,8 @@ published and a checkpoint that `python -m jobs.train` wrote (defaults: the emoj
 index and the demo model under the koclip cache). Both are checked before the server starts: a
 missing one is reported in one line and the command exits with status 2.
 
-    python -m koclip.app --screenshots docs/screenshots [--index DIR] [--model DIR]
-
-starts the app on a free local port, drives it in headless Chromium (Debian's `chromium`
-package, through Playwright) and writes one PNG per tab, as shown in docs/app.md.
-
-The page itself is `koclip/apps/page.py`; the server/browser helpers the screenshots and the
-browser tests share are in `koclip/apps/harness.py`.
+The page itself is `koclip/app/page.py`. The screenshots in docs/app.md are taken by the
+browser tests' harness: `python tests/app_harness.py docs/screenshots`.
 """
 from __future__ import annotations
 
@@ -23,14 +18,15 @@ import os
 import sys
 
 from koclip import fs
+from koclip.cli import ArgumentParser, run_cli
 from koclip.data import demo_index_dir, demo_model_dir
+from koclip.errors import MissingDependency, NotFoundError
 
-EXIT_USAGE = 2
-PAGE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "apps", "page.py")
+PAGE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.py")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m koclip.app",
         description="Serve the KoCLIP demo (text→image, image→text, text→patch) with Streamlit.",
     )
@@ -41,9 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", metavar="N", type=int, default=8501, help="port to listen on (default: 8501)")
     parser.add_argument("--host", metavar="ADDR", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 serves other machines)")
-    parser.add_argument("--screenshots", metavar="DIR", default=None,
-                        help="instead of serving, write one screenshot per tab to DIR (needs playwright "
-                             "and /usr/bin/chromium)")
     return parser
 
 
@@ -84,39 +77,19 @@ def streamlit_argv(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = resolve_paths(build_parser().parse_args(argv))
+    return run_cli("koclip.app", lambda: serve(args))
+
+
+def serve(args: argparse.Namespace) -> None:
     problem = find_problem(args.index, args.model)
     if problem:
-        print(f"koclip.app: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.screenshots:
-        try:
-            from koclip.apps.harness import take_screenshots
-            import playwright  # noqa: F401
-        except ImportError:
-            print("koclip.app: --screenshots needs playwright; pip install -e '.[dev]'", file=sys.stderr)
-            return EXIT_USAGE
-
-        try:
-            paths = take_screenshots(args.screenshots, index=args.index, model=args.model)
-        except FileNotFoundError as e:  # no /usr/bin/chromium
-            print(f"koclip.app: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        for path in paths:
-            print(path)
-        return 0
+        raise NotFoundError(problem)
     try:
         from streamlit.web import cli as streamlit_cli
     except ImportError:
-        print("koclip.app: streamlit is not installed; pip install -e '.[app]' (or 'koclip-index[app]')",
-              file=sys.stderr)
-        return EXIT_USAGE
+        raise MissingDependency("streamlit is not installed; pip install -e '.[app]' (or 'koclip-index[app]')") from None
     # The page logs through "koclip.*" loggers (model and index loads, failed requests).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"koclip.app: serving {args.index} with model {args.model} on http://{args.host}:{args.port}",
           file=sys.stderr)
     streamlit_cli.main(args=streamlit_argv(args), prog_name="streamlit")  # serves until interrupted
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,7 @@
-"""FAISS indexes over an embedding store: choose, build, tune, publish, load, extend.
-
-    build_index(embeddings, out, column="image_embedding", kind="auto", max_memory="4GB",
-                target_recall=0.95, keep=3) -> BuildResult     # a new version, published
-    extend_index(out, add=STORE, remove=["item-id", ...]) -> BuildResult
-    load_index(out, expect_fingerprint=None) -> Index            # .search(vectors, k), .records(rows)
-    choose_index(n, dim, max_memory, kind="auto") -> Plan         # what build_index would pick
-
-The three layers: koclip.index_faiss (which index, training, tuning recall; no files),
-koclip.index_folder (the version folders, CURRENT, meta.json, loading) and this module, which
-reads a koclip.store and puts the two together. Row r of an index is row r of its rows.parquet:
-the store's rows in shard order, except the tuning query rows, which are held out while tuning and
-come last (koclip.index_faiss). A caption index has one row per caption, id "item#k".
+"""Building an index from an embedding store (build_index) and extending a published one
+(extend_index). Row r of an index is row r of its rows.parquet: the store's rows in shard order,
+except the tuning query rows, which are held out while tuning and come last
+(koclip.index.tuning). A caption index has one row per caption, id "item#k".
 
 build_index reads the store's vectors twice at most: flat and hnsw hold every vector anyway, so
 they load them all; ivfpq streams: one pass gathers the training sample and the tuning queries, a
@@ -33,35 +24,25 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from koclip import fs
-from koclip.index_faiss import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, KINDS, RECALL_K,
-                                IndexBuildError, KoclipIndexError, Plan, Tuning, add_truth, add_vectors,
-                                build_and_tune, choose_index, copy_index, estimate_memory, holdout_order, in_memory,
-                                parse_memory, plan_of, query_rows, remove_rows, train, train_rows, tune)
-from koclip.index_folder import (ROWS_SCHEMA, Index, IndexFolderError, current_version, list_versions,
-                                 load_index, make_meta, new_version, publish, read_index_file, remove_tree,
-                                 resolve, write_version)
-from koclip.store import Store, StoreError, open_store, vectors_to_numpy
+from koclip.errors import IndexBuildError, IndexFolderError, StoreError
+from koclip.index.faiss_ops import add_truth, add_vectors, copy_index, in_memory, remove_rows, train
+from koclip.index.load import load_index, read_index_file
+from koclip.index.plan import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, Plan,
+                               choose_index, parse_memory, plan_of)
+from koclip.index.tuning import Tuning, build_and_tune, holdout_order, query_rows, train_rows, tune
+from koclip.index.versions import (ROWS_SCHEMA, current_version, make_meta, new_version, publish_written,
+                                   removed_on_failure, write_version)
+from koclip.store import Store, open_store, vectors_to_numpy
 
-__all__ = ["BuildResult", "INDEX_ERROR", "Index", "IndexBuildError", "IndexFolderError", "KINDS", "Plan",
-           "build_index", "choose_index", "current_version", "estimate_memory", "extend_index", "list_versions",
-           "load_index", "parse_memory", "publish", "resolve_version"]
-
-log = logging.getLogger(__name__)
-INDEX_ERROR = KoclipIndexError  # the base of IndexBuildError and IndexFolderError
-resolve_version = resolve  # the version folder a path means (an index root: the one CURRENT names)
-
-
-# ---------------------------------------------------------------- reading the store
+log = logging.getLogger("koclip.index")
 
 
 def rows_table(table: pa.Table, column: str) -> pa.Table:
@@ -79,7 +60,7 @@ def rows_table(table: pa.Table, column: str) -> pa.Table:
 
 def read_shard(path: str, column: str, vectors: bool = True) -> tuple[pa.Table, np.ndarray | None]:
     """One shard's index rows and (optionally) its float32 vectors of `column`."""
-    with fsspec.open(path, "rb") as f:
+    with fs.open(path) as f:
         table = pq.read_table(f, columns=["id", "uri", "captions"] + ([column] if vectors else []))
     rows = rows_table(table, column)
     if not vectors:
@@ -139,9 +120,6 @@ def add_store(index: faiss.Index, store: Store, column: str, counts: list[int], 
         log.info("added %s: %d/%d rows", os.path.basename(shard.path), start, sum(counts))
     heap.finalize()
     return heap.I
-
-
-# ---------------------------------------------------------------- building
 
 
 @dataclass
@@ -221,37 +199,6 @@ def write_and_publish(root: str, version: str, index: faiss.Index, rows: pa.Tabl
         write_version(root, version, index, rows, meta, trained)
         deleted = publish_written(root, version, keep, before_publish)
     return BuildResult(root, version, meta, True, deleted)
-
-
-@contextmanager
-def removed_on_failure(root: str, version: str):
-    """Around the building of versions/<version>: any failure inside removes the folder (`discard`)."""
-    try:
-        yield
-    except BaseException:
-        discard(root, version)
-        raise
-
-
-def publish_written(root: str, version: str, keep: int,
-                    before_publish: Callable[[str], None] | None) -> tuple[str, ...]:
-    """versions/<version> is complete: run the before_publish hook on it, then flip CURRENT (keeping
-    `keep` versions). Returns the versions pruned."""
-    if before_publish is not None:
-        before_publish(fs.join(root, "versions", version))
-    return tuple(publish(root, version, keep))
-
-
-def discard(root: str, version: str) -> None:
-    """Remove a failed build's folder, unless CURRENT already names it (a failure while pruning)."""
-    try:
-        if current_version(root) != version:
-            remove_tree(fs.join(root, "versions", version))
-    except Exception as e:  # the original error matters more; the next publish prunes leftovers
-        log.warning("could not remove %s/versions/%s: %s", root, version, e)
-
-
-# ---------------------------------------------------------------- extending
 
 
 def _rows_and_vectors(add, column: str, fingerprint: str, dim: int) -> tuple[pa.Table, np.ndarray]:

@@ -1,0 +1,5 @@
+import sys
+
+from koclip.app.launcher import main
+
+sys.exit(main())

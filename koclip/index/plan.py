@@ -1,0 +1,145 @@
+"""Which FAISS index fits N vectors of dimension D in a memory budget (choose_index), and what
+an existing index is (plan_of).
+
+Every embedding is L2-normalised, so every index ranks by inner product.
+  flat   exact IndexFlatIP, when N <= FLAT_MAX_ROWS (50k; a query scans all N x D floats, see
+         bench/index.py for what that costs) and N*D*4 bytes fit the budget;
+  hnsw   IndexHNSWFlat (M=32, efConstruction=64) when its estimated memory N*(4D + 8M + 16)
+         (the vectors, 2M int32 links on level 0, ~1 link above, offsets) fits the budget;
+  ivfpq  "OPQ{m},IVF{nlist},PQ{m}" through index_factory, nlist = 4*sqrt(N) (at most N/39, so
+         k-means has 39 points per list), m = D/8 bytes of PQ code per vector; re-ranked with
+         8-bit scalar-quantised copies ("Refine(SQ8)", D bytes more per vector) when those fit
+         the budget, else m grows to the largest divisor of D (<= D/2) that fits, no re-ranking.
+         Trained on a seeded sample of max(39*nlist, min(256*nlist, 100k)) rows; OPQ with 25
+         iterations on at most 32768 rows (faiss's defaults: 50 on 65536, twice the time).
+The budget is the index's memory when served, not the build's.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import faiss
+
+from koclip.errors import IndexBuildError
+
+
+KINDS = ("flat", "hnsw", "ivfpq")
+FLAT_MAX_ROWS = 50_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 64
+IVFPQ_MIN_ROWS = 2048  # PQ trains 256 centroids per sub-quantizer
+TRAIN_MAX_ROWS = 100_000
+KF_MAX = 32
+RECALL_K = 10
+DEFAULT_MAX_MEMORY = 4 * 1024**3
+DEFAULT_TARGET_RECALL = 0.95
+DEFAULT_QUERIES = 1000
+
+
+def parse_memory(value: str | int | float) -> int:
+    """Bytes from 4294967296, "4GB", "512 MiB", "1.5g" (K/M/G/T are powers of 1024)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(value).lower())
+    if not match:
+        raise IndexBuildError(f"cannot read memory size {value!r}; write e.g. 4GB, 512MB or a number of bytes")
+    return int(float(match.group(1)) * 1024 ** " kmgt".index(match.group(2) or " "))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.1f}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= 1024
+    return f"{n:.1f}TB"
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str
+    factory: str
+    n: int
+    dim: int
+    estimated_bytes: int
+    nlist: int = 0
+    pq_m: int = 0
+    refine: bool = False
+    reason: str = ""
+
+    @property
+    def train_rows(self) -> int:
+        return min(self.n, max(39 * self.nlist, min(256 * self.nlist, TRAIN_MAX_ROWS))) if self.nlist else 0
+
+
+def estimate_memory(kind: str, n: int, dim: int, *, nlist: int = 0, pq_m: int = 0, refine: bool = False) -> int:
+    """Bytes the index takes when loaded (the formulas of the module docstring)."""
+    if kind == "flat":
+        return n * dim * 4
+    if kind == "hnsw":
+        return n * (4 * dim + 8 * HNSW_M + 16)
+    codebooks = nlist * dim * 4 + dim * dim * 4 + 256 * dim * 4  # IVF centroids, OPQ matrix, PQ centroids
+    return n * (pq_m + 8 + (dim if refine else 0)) + codebooks
+
+
+def _divisors(dim: int) -> list[int]:
+    return [m for m in range(1, dim + 1) if dim % m == 0]
+
+
+def choose_index(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMORY, kind: str = "auto") -> Plan:
+    """The index for N vectors of dimension D within max_memory bytes; `kind` forces a type."""
+    budget = parse_memory(max_memory)
+    if kind not in ("auto", *KINDS):
+        raise IndexBuildError(f"index kind must be one of auto, {', '.join(KINDS)}; got {kind!r}")
+    if n <= 0:
+        raise IndexBuildError("there are no vectors to index")
+    flat, hnsw = estimate_memory("flat", n, dim), estimate_memory("hnsw", n, dim)
+    if kind == "auto":
+        if n <= FLAT_MAX_ROWS and flat <= budget:
+            kind, why = "flat", f"{n} rows <= {FLAT_MAX_ROWS}: exact search"
+        elif hnsw <= budget:
+            kind, why = "hnsw", f"HNSW needs ~{format_bytes(hnsw)} <= budget {format_bytes(budget)}"
+        else:
+            kind, why = "ivfpq", f"HNSW would need ~{format_bytes(hnsw)} > budget {format_bytes(budget)}"
+    else:
+        why = "forced"
+    if kind == "flat":
+        return Plan("flat", "Flat", n, dim, flat, reason=why)
+    if kind == "hnsw":
+        return Plan("hnsw", f"HNSW{HNSW_M}", n, dim, hnsw, reason=why)
+    if n < IVFPQ_MIN_ROWS:
+        raise IndexBuildError(f"ivfpq needs at least {IVFPQ_MIN_ROWS} vectors to train on, there are {n}")
+    nlist = int(max(1, min(round(4 * math.sqrt(n)), n // 39, 65536)))
+    m = max(d for d in _divisors(dim) if d <= max(1, dim // 8))
+    refine = estimate_memory("ivfpq", n, dim, nlist=nlist, pq_m=m, refine=True) <= budget
+    if not refine:
+        fitting = [d for d in _divisors(dim) if d <= max(1, dim // 2)
+                   and estimate_memory("ivfpq", n, dim, nlist=nlist, pq_m=d) <= budget]
+        if not fitting:
+            need = estimate_memory("ivfpq", n, dim, nlist=nlist, pq_m=1)
+            raise IndexBuildError(f"a budget of {format_bytes(budget)} cannot hold {n} vectors even as 1-byte "
+                                  f"PQ codes (~{format_bytes(need)}); raise max_memory")
+        m = max(fitting)  # no re-ranking: the biggest codes that fit
+    factory = f"OPQ{m},IVF{nlist},PQ{m}" + (",Refine(SQ8)" if refine else "")
+    size = estimate_memory("ivfpq", n, dim, nlist=nlist, pq_m=m, refine=refine)
+    return Plan("ivfpq", factory, n, dim, size, nlist=nlist, pq_m=m, refine=refine, reason=why)
+
+
+def kind_of(index: faiss.Index) -> str:
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexFlat):
+        return "flat"
+    return "hnsw" if isinstance(index, faiss.IndexHNSW) else "ivfpq"
+
+
+def plan_of(index: faiss.Index, n: int, max_memory: int = DEFAULT_MAX_MEMORY) -> Plan:
+    """The Plan an existing (or trained) index follows, for N rows."""
+    kind, dim = kind_of(index), index.d
+    if kind != "ivfpq":
+        return choose_index(n, dim, max_memory, kind)
+    ivf = faiss.extract_index_ivf(index)
+    m, refine = faiss.downcast_index(ivf).pq.M, isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+    factory = f"OPQ{m},IVF{ivf.nlist},PQ{m}" + (",Refine(SQ8)" if refine else "")
+    size = estimate_memory("ivfpq", n, dim, nlist=ivf.nlist, pq_m=m, refine=refine)
+    return Plan("ivfpq", factory, n, dim, size, nlist=ivf.nlist, pq_m=m, refine=refine, reason="given")

@@ -1,0 +1,139 @@
+"""Tuning an index's search parameter to a recall target on held-out corpus rows.
+
+The tuning queries are `queries` seeded-random corpus rows, held out: the index is built from the
+other rows, tuned, and only then are the query rows added, as the last rows (holdout_order).
+Their ground truth is exact inner-product search over the indexed rows; recall@10 is the share of
+those 10 true neighbours the index returns among its 10. So the queries are vectors the index
+does not hold, like new items (a query that is itself in an HNSW graph leads the search straight
+to its neighbours, which overstates recall; bench/index.py measured both). The smallest efSearch
+(hnsw) or nprobe (ivfpq; with re-ranking, then the smallest k_factor at that nprobe, then nprobe
+again) reaching the target is kept, found by doubling then bisection (recall is assumed to grow
+with the parameter). If the target is not reached, the largest setting tried is kept,
+Tuning.reached is False and a warning is logged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from koclip.index.faiss_ops import add_truth, add_vectors, copy_index, new_index, train
+from koclip.index.plan import DEFAULT_TARGET_RECALL, KF_MAX, RECALL_K, Plan, kind_of
+
+log = logging.getLogger("koclip.index")
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int = RECALL_K) -> float:
+    """Mean share of each query's true k nearest rows found among the index's first k."""
+    total = 0.0
+    for got, want in zip(found, truth):
+        want = set(want[:k][want[:k] >= 0].tolist())
+        total += len(set(got[:k].tolist()) & want) / len(want) if want else 1.0
+    return total / len(truth) if len(truth) else 1.0
+
+
+def set_search_params(index: faiss.Index, params: dict) -> None:
+    index = faiss.downcast_index(index)
+    if "efSearch" in params:
+        index.hnsw.efSearch = int(params["efSearch"])
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+    if "k_factor" in params:
+        index.k_factor = float(params["k_factor"])
+
+
+@dataclass
+class Tuning:
+    params: dict
+    recall: float
+    reached: bool
+    queries: int
+
+
+def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
+         target_recall: float = DEFAULT_TARGET_RECALL) -> Tuning:
+    """The cheapest search parameters reaching target_recall (module docstring) for queries whose
+    exact top RECALL_K rows are `truth`; sets them on the index."""
+    kind = kind_of(index)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+
+    def measure(params: dict) -> float:
+        set_search_params(index, params)
+        return recall_at_k(index.search(queries, RECALL_K)[1], truth)
+
+    def smallest(name: str, lo: int, hi: int, fixed: dict) -> tuple[int, bool]:
+        value = lo
+        while measure({**fixed, name: value}) < target_recall:  # doubling, then bisection
+            if value >= hi:
+                return hi, False
+            lo, value = value, min(2 * value, hi)
+        while value - lo > 1:
+            mid = (lo + value) // 2
+            lo, value = (lo, mid) if measure({**fixed, name: mid}) >= target_recall else (mid, value)
+        return value, True
+
+    if kind == "flat":
+        params, reached = {}, True
+    elif kind == "hnsw":
+        ef, reached = smallest("efSearch", 16, 4096, {})
+        params = {"efSearch": ef}
+    else:
+        nlist = faiss.extract_index_ivf(index).nlist
+        refine = isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+        fixed = {"k_factor": KF_MAX} if refine else {}
+        nprobe, reached = smallest("nprobe", 1, nlist, fixed)
+        if refine and reached:
+            kf, _ = smallest("k_factor", 1, KF_MAX, {"nprobe": nprobe})
+            nprobe, _ = smallest("nprobe", 1, nprobe, {"k_factor": kf})
+            fixed = {"k_factor": kf}
+        params = {"nprobe": nprobe, **fixed}
+    recall = measure(params)
+    reached = reached and recall >= target_recall
+    if not reached:
+        log.warning("%s index reaches recall@%d %.3f < target %.3f even at %s", kind, RECALL_K, recall,
+                    target_recall, params)
+    return Tuning(params, recall, reached, len(queries))
+
+
+def query_rows(n: int, queries: int, seed: int) -> np.ndarray:
+    """The seeded sample of rows held out as tuning queries (the same for every build of N rows);
+    at most half the rows, so that a small index is mostly built before it is tuned."""
+    return np.sort(np.random.default_rng(seed).choice(n, min(n // 2, queries), replace=False))
+
+
+def train_rows(plan: Plan, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed + 1).choice(plan.n, plan.train_rows, replace=False))
+
+
+def holdout_order(n: int, held_out: np.ndarray) -> np.ndarray:
+    """Store rows in index order: every row but the held-out query rows, then those."""
+    rest = np.ones(n, bool)
+    rest[held_out] = False
+    return np.concatenate([np.flatnonzero(rest), np.asarray(held_out, dtype=np.int64)])
+
+
+def build_and_tune(plan: Plan, vectors: np.ndarray, held_out: np.ndarray,
+                   target_recall: float = DEFAULT_TARGET_RECALL, seed: int = 0, trained: faiss.Index | None = None,
+                   chunk: int = 65536) -> tuple[faiss.Index, faiss.Index | None, Tuning, np.ndarray]:
+    """(index, trained or None, tuning, order): `vectors` indexed in holdout_order (order[r] is the
+    input row of index row r), tuned on the held-out query rows before they were added."""
+    order = holdout_order(len(vectors), held_out)
+    rest = len(vectors) - len(held_out)
+    queries = np.ascontiguousarray(vectors[held_out], dtype=np.float32)
+    if plan.kind == "ivfpq":
+        trained = trained if trained is not None else train(plan, vectors[train_rows(plan, seed)])
+        index = copy_index(trained)
+    else:
+        index = new_index(plan)
+    heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True)
+    for start in range(0, rest, chunk):  # in chunks: no second copy of the corpus
+        part = vectors[order[start:min(start + chunk, rest)]]
+        add_vectors(index, part, start)
+        add_truth(heap, queries, part, start)
+        log.info("%s: added %d/%d rows", plan.kind, start + len(part), len(vectors))
+    heap.finalize()
+    tuning = tune(index, queries, heap.I, target_recall)
+    add_vectors(index, queries, rest)
+    return index, trained, tuning, order

@@ -1,0 +1,5 @@
+import sys
+
+from koclip.query.cli import main
+
+sys.exit(main())
