@@ -1,27 +1,29 @@
 """koclip-index: offline embedding, indexing and search for Korean CLIP models."""
 from setuptools import find_packages, setup
 
-# apache-beam 2.77 caps pyarrow<26, numpy<2.5 and pillow<13; we stay inside its ranges.
+# The core install is the library and the query path: embed queries, search an index, serve the
+# app's backend. Beam (and its caps: pyarrow<26, numpy<2.5, pillow<13) only comes with `pipeline`.
 CORE = [
     "jax>=0.10",
     "flax>=0.12",
-    "optax>=0.2.5",
-    "transformers>=5.0",
     "tokenizers>=0.22",
+    "transformers>=5.0",  # the tokenizers of real checkpoints (klue/roberta's BertTokenizer); no torch
     "safetensors>=0.6",
     "msgpack>=1.1",
     "numpy>=2.0",
     "pillow>=11",
+    "pyarrow>=18",
+    "faiss-cpu>=1.12",
     "fsspec>=2025.1",
     "tqdm>=4.66",
-    "matplotlib>=3.9",  # training curves
-    "emoji>=2.14",  # Korean emoji names for the emoji-ko sample dataset
+    "matplotlib>=3.9",  # patch heat maps, training curves
 ]
-PIPELINE = ["apache-beam>=2.77", "pyarrow>=18", "faiss-cpu>=1.12"]
-# Korean text shipped in konlpy trains the demo model's WordPiece vocabulary (data files only).
-DEMO = ["konlpy>=0.6"]
+TRAIN = ["optax>=0.2.5"]
+PIPELINE = ["apache-beam>=2.77"]
+# The emoji-ko sample: Korean emoji names (emoji) and Korean text for the demo vocabulary (konlpy).
+DEMO = ["emoji>=2.14", "konlpy>=0.6"] + TRAIN
 # `build` makes the sdist that --setup_file stages for Dataflow workers.
-GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77", "build>=1.2"]
+GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77", "build>=1.2"] + PIPELINE
 APP = ["streamlit>=1.50"]
 DEV = [
     "pytest>=8",
@@ -43,7 +45,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["koclip", "koclip.*", "pipelines", "pipelines.*", "jobs", "jobs.*"]),
     package_data={"koclip.data": ["vocab/*/*.json"]},
-    install_requires=CORE + PIPELINE,
-    extras_require={"gcs": GCS, "demo": DEMO, "app": APP, "dev": DEV + DEMO + GCS + APP},
-    entry_points={"console_scripts": ["koclip=koclip.cli:main"]},
+    install_requires=CORE,
+    extras_require={"train": TRAIN, "pipeline": PIPELINE, "gcs": GCS, "demo": DEMO, "app": APP,
+                    "dev": DEV + DEMO + PIPELINE + GCS + APP},
+    entry_points={"console_scripts": ["koclip=koclip.cli.main:main"]},
 )

@@ -38,7 +38,7 @@ def _worker(args) -> dict:
     from pipelines import embed
 
     opts, _ = embed.parse(["--input", args.manifest, "--output", args.output, "--model", args.model,
-                           "--unit_size", str(args.unit_size), "--overwrite"])
+                           "--unit-size", str(args.unit_size), "--overwrite"])
     embed._load_model_info(args.model, is_default=False)  # imports jax/flax before "base"
     base = _rss_mb()
     started = time.perf_counter()

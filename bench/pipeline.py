@@ -59,8 +59,8 @@ def _worker_pipeline(args) -> dict:
 
     started, started_unix = time.perf_counter(), time.time()
     result = embed.run(["--input", args.manifest, "--output", args.output, "--model", args.model,
-                        "--batch_size", str(args.batch_size), "--unit_size", str(args.unit_size), "--overwrite",
-                        "--compilation_cache", ""])  # cold: every run compiles, as a first run does
+                        "--batch-size", str(args.batch_size), "--unit-size", str(args.unit_size), "--overwrite",
+                        "--compilation-cache", ""])  # cold: every run compiles, as a first run does
     seconds, ended_unix = time.perf_counter() - started, time.time()
     startup = result.this_run["first_batch_unix_ms"] / 1000 - started_unix
     return {"items": result.totals["items"], "embedded": result.totals["embedded"], "seconds": seconds,

@@ -22,9 +22,9 @@ from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from koclip import fs
-from koclip.config import ConfigError, HybridCLIPConfig, TextConfig, VisionConfig
+from koclip.config import HybridCLIPConfig, TextConfig, VisionConfig
+from koclip.errors import CheckpointError, ConfigError, NotFoundError
 from koclip.modeling import KoCLIP
-from koclip.errors import CheckpointError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
 from koclip.errors import ConfigError
 
 TEXT_MODEL_TYPES = ("bert", "roberta")

@@ -23,6 +23,10 @@ class NotFoundError(KoclipError, FileNotFoundError):
     """A file or folder that does not exist (also a FileNotFoundError, for callers that catch that)."""
 
 
+class TooLargeError(KoclipError):
+    """A file larger than the limit its reader allows (koclip.fs.read_bytes(path, limit))."""
+
+
 class MissingDependency(KoclipError, ImportError):
     """An optional package, font or tool is not installed; the message says how to install it."""
 

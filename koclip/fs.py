@@ -24,11 +24,7 @@ from collections.abc import Iterable
 import fsspec
 import fsspec.implementations.local
 
-from koclip.errors import KoclipError, NotFoundError
-
-
-class TooLargeError(KoclipError):
-    """A file larger than the limit its reader allows."""
+from koclip.errors import NotFoundError, TooLargeError
 
 
 def is_url(path: str) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from koclip import fs
 from koclip.errors import ImageDecodeError, NotFoundError
 

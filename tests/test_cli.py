@@ -77,3 +77,57 @@ def test_init_from_transformers_dirs(tmp_path, capsys):
     assert main(["embed-text", out, "빨간 사과", "--json"]) == 0
     vectors = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert len(vectors["빨간 사과"]) == 24
+
+
+# ---------------------------------------------------------------- what every command line shares
+
+
+def test_both_flag_spellings_parse_alike_and_beam_flags_pass_through():
+    from koclip.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="x")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-memory", default="4GB")
+    for argv in (["--batch-size", "8", "--max-memory=1GB"], ["--batch_size", "8", "--max_memory=1GB"]):
+        args, rest = parser.parse_known_args(argv + ["--temp_location=gs://b/tmp", "--", "--batch_size"])
+        assert (args.batch_size, args.max_memory) == (8, "1GB")
+        assert rest == ["--temp_location=gs://b/tmp", "--", "--batch_size"]  # Beam's own, and after "--"
+
+
+def test_run_cli_reports_a_koclip_error_in_one_line_and_lets_bugs_raise(capsys):
+    from koclip.cli import run_cli
+    from koclip.errors import NotFoundError, UsageError
+
+    def missing():
+        raise NotFoundError("no such file: x.jsonl")
+
+    assert run_cli("prog", missing) == 2
+    assert capsys.readouterr().err == "prog: error: no such file: x.jsonl\n"
+    assert run_cli("prog", lambda: None) == 0
+    with pytest.raises(ZeroDivisionError):  # a programming error keeps its traceback
+        run_cli("prog", lambda: 1 / 0)
+    with pytest.raises(ValueError):
+        run_cli("prog", lambda: int("not a number"))
+    assert issubclass(UsageError, Exception) and not issubclass(UsageError, ValueError)
+
+
+def test_every_command_line_is_built_on_the_shared_parts():
+    """Each `main` parses with koclip.cli.ArgumentParser (both spellings) and reports through
+    run_cli, so a new CLI cannot quietly catch its own tuple of errors again."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    mains = []
+    for path in sorted([*root.glob("koclip/**/*.py"), *root.glob("pipelines/*.py"), *root.glob("jobs/*.py")]):
+        if path.name == "page.py":  # the Streamlit page's main() draws a page: errors are shown on it
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name == "main":
+                mains.append(path.relative_to(root).as_posix())
+                text = ast.get_source_segment(path.read_text(encoding="utf-8"), node)
+                assert "run_cli(" in text, path
+                assert "except" not in text, f"{path}: main() catches errors itself"
+    assert {"koclip/cli/main.py", "koclip/query/cli.py", "pipelines/embed.py", "jobs/train.py",
+            "jobs/reindex.py"} <= set(mains)

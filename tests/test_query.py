@@ -369,6 +369,8 @@ def test_cli_classify_and_patches(tiny_ckpt_dir, tmp_path, capsys):
     (["--index", "{index}"], "nothing to search for"),
     (["--classify", "{tmp}/broken.png"], "--labels"),
     (["--classify", "{tmp}/noise.png", "--labels", "사과", "--template", "사과"], "must contain"),
+    (["--classify", "{tmp}/noise.png", "--labels", "사과", "--template", "{{}} 또는 {{}}"], "exactly once"),
+    (["--classify", "{tmp}/noise.png", "--labels", "사과", "--template", "{{label}} 사진"], "exactly once"),
     (["--patches", "{tmp}/noise.png", "--text", "사과", "--grid", "3by3"], "grid"),
     (["사과", "--index", "{index}", "--model", "{tmp}/no-model"], "python -m jobs.train"),
 ])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from koclip.errors import PatchError
 
 MODES = ("crops", "tokens")
