@@ -83,7 +83,7 @@ def require_dir(path: str, what: str = "checkpoint directory") -> None:
 
 
 def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-    return {"/".join(k): tuple(v.shape) for k, v in flatten_dict(tree).items()}
+    return {"/".join(k): tuple(np.shape(v)) for k, v in flatten_dict(tree).items()}
 
 
 def _mismatch(expected: dict[str, tuple], found: dict[str, tuple]) -> str:
@@ -107,11 +107,21 @@ def check_params(config: HybridCLIPConfig, params: dict, where: str = "checkpoin
         raise CheckpointError(f"{where} does not fit its config; {problems}")
 
 
-def _as_float32(params: dict) -> dict:
-    return jax.tree_util.tree_map(
-        lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
-        params,
-    )
+def float32_params(params: dict, where: str) -> dict:
+    """Every parameter as float32, after checking it is a floating-point array of finite numbers
+    (float16/bfloat16/float32/float64); CheckpointError naming the first one that is not. NaN or
+    integer weights would otherwise load and give NaN embeddings, written to shards and indexes."""
+    out = {}
+    for key, value in sorted(flatten_dict(params, sep="/").items()):
+        array = np.asarray(value)
+        if array.dtype.kind != "f" and array.dtype.name != "bfloat16":
+            raise CheckpointError(f"{where}: parameter {key} has dtype {array.dtype}, not a floating-point type")
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise CheckpointError(f"{where}: parameter {key} holds {bad} non-finite value(s) (NaN or inf)")
+        out[key] = array
+    return unflatten_dict(out, sep="/")
 
 
 def fingerprint(config: HybridCLIPConfig, params: dict) -> str:
@@ -171,8 +181,10 @@ def load_checkpoint(path: str) -> Checkpoint:
         raise CheckpointError(f"{weights} is not a flax msgpack file: {e}") from None
     if set(params) == {"params"}:
         params = params["params"]
-    params = _as_float32(params)
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{weights} holds a {type(params).__name__}, not a parameter tree")
     check_params(config, params, where=weights)
+    params = float32_params(params, weights)
     return Checkpoint(config, params, path=path)
 
 
@@ -243,7 +255,7 @@ def _fit(converted: dict, expected: dict, source: str, may_init: tuple[str, ...]
     problems = _mismatch(expected, {k: tuple(v.shape) for k, v in converted.items()})
     if problems:
         raise CheckpointError(f"{source} does not fit its config.json; {problems}")
-    return unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in converted.items()})
+    return float32_params(unflatten_dict({tuple(k.split("/")): v for k, v in converted.items()}), source)
 
 
 # Stand-ins for the other tower when only one tower's parameter shapes are wanted.

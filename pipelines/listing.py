@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,22 +48,36 @@ class Unit:
         return f"{self.index:05d}"
 
 
+def _listing_root(source: str) -> tuple[str, str, bool]:
+    """(pattern to glob, the root ids are relative to, whether it is a glob). A local source is made
+    absolute first, as the listing's paths are: `photos/`, `./photos`, `a/../photos` and
+    `/abs/photos` all give the same ids."""
+    if not fs.is_url(source):
+        source = os.path.abspath(source)
+    wildcard = min((source.index(ch) for ch in "*?[" if ch in source), default=None)
+    if wildcard is None:
+        root = source.rstrip("/")
+        return f"{root}/**", root, False
+    return source, source[:wildcard].rsplit("/", 1)[0], True
+
+
 def list_images(source: str) -> list[Item]:
-    """Images under a folder (recursively) or matching a glob, with their sidecar .txt captions."""
-    is_glob = any(ch in source for ch in "*?[")
-    root = source.split("*")[0].rsplit("/", 1)[0] if is_glob else source.rstrip("/")
-    if not is_glob and not fs.is_dir(source):
+    """Images under a folder (recursively) or matching a glob, with their sidecar .txt captions.
+    An image's id is its path relative to the folder (or to the glob's fixed part)."""
+    pattern, root, is_glob = _listing_root(source)
+    if not is_glob and not fs.is_dir(root):
         raise ListingError(f"input not found: {source} (give a folder, a glob of images, or a "
                            f"manifest ending in {', '.join(MANIFEST_EXTENSIONS)})")
-    paths = fs.glob(source if is_glob else f"{root}/**")
+    paths = fs.glob(pattern)
     sidecars = {p[:-4] for p in paths if p.lower().endswith(".txt")}
     items = []
     for path in paths:
         stem, ext = posixpath.splitext(path)
         if ext.lower() not in IMAGE_EXTENSIONS:
             continue
-        rel = path[len(root):].lstrip("/") if path.startswith(root) else posixpath.basename(path)
-        items.append(Item(rel, path, caption_uri=stem + ".txt" if stem in sidecars else None))
+        if not path.startswith(root + "/"):
+            raise ListingError(f"{path} was listed under {source} but is not inside {root}")
+        items.append(Item(path[len(root) + 1:], path, caption_uri=stem + ".txt" if stem in sidecars else None))
     if not items:
         raise ListingError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found at {source}")
     return items

@@ -191,3 +191,27 @@ def test_published_config_reads_both_spellings():
     assert a == b
     assert a.text_config.pad_token_id == 1 and a.max_text_length == 38
     assert HybridCLIPConfig.from_json(a.to_json()) == a
+
+
+@pytest.mark.parametrize("name, poison, reason", [
+    ("nan kernel", lambda v: np.full_like(v, np.nan), "non-finite"),
+    ("inf bias", lambda v: np.where(np.arange(v.size).reshape(v.shape) == 0, np.inf, v), "1 non-finite"),
+    ("integer kernel", lambda v: v.astype(np.int32), "dtype int32"),
+    ("string logit scale", lambda v: "2.659", "dtype <U5"),
+])
+def test_bad_weights_are_refused_naming_the_parameter(tmp_path, tiny_ckpt_dir, capsys, name, poison, reason):
+    """Weights that would load and give NaN (or meaningless) embeddings are refused in one line."""
+    from koclip.cli.main import main
+
+    ckpt = checkpoint.load_checkpoint(tiny_ckpt_dir)
+    flat = flatten_dict(ckpt.params, sep="/")
+    key = "logit_scale" if "logit" in name else next(k for k in sorted(flat) if k.endswith(
+        "kernel" if "kernel" in name else "bias"))
+    flat[key] = poison(flat[key])
+    out = str(tmp_path / "bad")
+    checkpoint.save_checkpoint(out, ckpt.config, unflatten_dict(flat, sep="/"), tokenizer_dir=tiny_ckpt_dir)
+    with pytest.raises(CheckpointError, match=f"parameter {key} .*{reason}"):
+        checkpoint.load_checkpoint(out)
+    assert main(["info", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("koclip: error: ") and key in err and err.count("\n") == 1

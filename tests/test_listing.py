@@ -79,3 +79,37 @@ def test_planning_holds_unit_references_not_items(tmp_path, tiny_ckpt_dir):
     tracemalloc.stop()
     assert (len(plan.units), len(plan.pending), plan.run_info["items"]) == (100, 100, 100_000)
     assert peak < held / 2, (peak, held)  # holding the items would take at least `held`
+
+
+def _photo_tree(root):
+    """photos/a/x.jpg, photos/b/x.jpg, photos/b/c/x.jpg (+ x.txt beside the first): one basename, three items."""
+    for sub in ("a", "b", "b/c"):
+        (root / "photos" / sub).mkdir(parents=True, exist_ok=True)
+        (root / "photos" / sub / "x.jpg").write_bytes(b"jpeg bytes")
+    (root / "photos" / "a" / "x.txt").write_text("사과", encoding="utf-8")
+
+
+def test_folder_ids_are_paths_relative_to_the_root_however_it_is_written(tmp_path, monkeypatch):
+    _photo_tree(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "photos", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    want = ["a/x.jpg", "b/c/x.jpg", "b/x.jpg"]
+    for source in ("photos", "photos/", "./photos", "elsewhere/../photos", str(tmp_path / "photos"), "link"):
+        items = list_items(source)
+        assert sorted(i.id for i in items) == want, source
+    items = {i.id: i for i in list_items("photos")}
+    assert items["a/x.jpg"].caption_uri.endswith("photos/a/x.txt") and items["b/x.jpg"].caption_uri is None
+    assert sorted(i.id for i in list_items("photos/**/*.jpg")) == want  # a glob: relative to its fixed part
+    assert sorted(i.id for i in list_items(str(tmp_path / "photos" / "b" / "*.jpg"))) == ["x.jpg"]
+
+
+def test_folder_ids_on_gcs_match_local(tmp_path, gcs_bucket):
+    from koclip import fs
+
+    _photo_tree(tmp_path)
+    for path in sorted((tmp_path / "photos").rglob("*.*")):
+        fs.write_bytes(fs.join(gcs_bucket, "photos", str(path.relative_to(tmp_path / "photos"))), path.read_bytes())
+    remote = list_items(f"{gcs_bucket}/photos/")
+    assert [i.id for i in remote] == [i.id for i in list_items(str(tmp_path / "photos"))]
+    assert all(i.uri == f"{gcs_bucket}/photos/{i.id}" for i in remote)
