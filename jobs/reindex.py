@@ -39,7 +39,7 @@ from koclip import fs, store
 from koclip.cli import ArgumentParser, run_cli
 from koclip.data.manifest import Item
 from koclip.errors import KoclipError, UsageError
-from pipelines.listing import list_items
+from pipelines.listing import input_root, list_items
 from pipelines.transforms.write import DEAD_LETTER_DIR, read_dead_letters
 
 log = logging.getLogger("jobs.reindex")
@@ -227,7 +227,7 @@ def _embed_changes(args, work: str, run_id: str, items: list[Item]) -> tuple[str
     _write_run_manifest(manifest, items)
     output = fs.join(run_dir, "embeddings")
     embed.run(["--input", manifest, "--output", output, "--model", args.model, "--batch-size", str(args.batch_size),
-               "--unit-size", str(args.unit_size), *args.beam_args])
+               "--unit-size", str(args.unit_size), "--caption-root", input_root(args.source), *args.beam_args])
     return output, {d["id"] for d in read_dead_letters(output)}
 
 
@@ -245,7 +245,9 @@ def publish_index(args, live: str, run_out: str | None, removed_ids: set[str], b
     options = dict(kind=args.kind, max_memory=args.max_memory, target_recall=args.target_recall, keep=args.keep,
                    before_publish=before_publish)
     if not index_is_published(args.index):
-        built = kindex.build_index(live, args.index, column=args.column, **options)
+        first = dict(kind="auto", max_memory=kindex.DEFAULT_MAX_MEMORY, target_recall=kindex.DEFAULT_TARGET_RECALL)
+        built = kindex.build_index(live, args.index, column=args.column,
+                                   **{**options, **{k: v for k, v in first.items() if options[k] is None}})
     else:
         add = run_out if run_out is not None and store.list_shards(run_out) else None
         built = kindex.extend_index(args.index, add=add, remove=sorted(removed_ids), full_store=live, **options)
@@ -316,9 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
     p.add_argument("--column", default="image_embedding", choices=store.EMBEDDING_COLUMNS)
     p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
-    p.add_argument("--kind", default="auto", help="index type: auto, flat, hnsw or ivfpq (default auto)")
-    p.add_argument("--max-memory", default="4GB", help="memory budget of the index (default 4GB)")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to tune for (default 0.95)")
+    # None: the published index's own setting (the first build: auto, 4GB, 0.95)
+    p.add_argument("--kind", default=None, choices=["auto", "flat", "hnsw", "ivfpq"],
+                   help="index type (default: the published index's; auto for the first build)")
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget of the index (default: the published index's; 4GB for the first build)")
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="recall@10 to tune for (default: the published index's; 0.95 for the first build)")
     p.add_argument("--content-hash", action="store_true",
                    help="compare files by the sha256 of their bytes instead of size + etag/mtime")
     p.add_argument("--batch-size", type=int, default=32)

@@ -125,7 +125,19 @@ def write_bytes(path: str, data: bytes) -> None:
     tmp = f"{fs_path}.tmp-{os.getpid()}"
     with builtins.open(tmp, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes reach the disk before the name does
     os.replace(tmp, fs_path)
+    _fsync_dir(os.path.dirname(fs_path))
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in `folder` durable (a power cut must not undo a publish)."""
+    descriptor = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_many(files: dict[str, bytes]) -> None:

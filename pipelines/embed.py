@@ -35,7 +35,8 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions,
 from koclip import fs
 from koclip.cli import run_cli
 from koclip.errors import KoclipError
-from pipelines.listing import ListingDigest, Unit, iter_items, iter_units, read_unit_file, unit_file_bytes
+from pipelines.listing import (ListingDigest, Unit, input_root, iter_items, iter_units, read_unit_file,
+                               unit_file_bytes)
 from pipelines.options import EmbedOptions, parse
 from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
@@ -84,7 +85,7 @@ class EmbedResult:
         latency = (f", batch latency mean {r['batch_latency_ms_mean']:.0f} ms / max {r['batch_latency_ms_max']} ms"
                    if r.get("batches") else "")
         return (f"{t['embedded']} of {t['items']} items embedded, {t['dead_letters']} dead-lettered ({reasons}), "
-                f"{t['captions']} captions embedded, in {self.units} units. "
+                f"{t['captions']} captions embedded ({t['blank_captions']} blank ones dropped), in {self.units} units. "
                 f"This run: {self.units_embedded} units embedded, {self.units_skipped} skipped as already done, "
                 f"{r.get('items_read', 0)} items read, {r.get('batches', 0)} batches, "
                 f"{r.get('recompiles', 0)} recompiles after warm-up{latency}, {self.seconds:.1f} s.")
@@ -207,7 +208,9 @@ def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
         # Create reshuffles its elements: the units spread over the workers.
         | "Units" >> beam.Create([(ref, _unit_file(p.output, ref.index)) for ref in p.pending])
         | "Items" >> beam.FlatMap(_unit_items)
-        | "Decode" >> beam.ParDo(DecodeItem(ImagePreprocessor.from_config(config, opts.max_pixels)))
+        | "Decode" >> beam.ParDo(DecodeItem(ImagePreprocessor.from_config(config, opts.max_pixels),
+                                            caption_root=opts.caption_root or input_root(p.source),
+                                            max_bytes=opts.max_bytes))
         | "Embed" >> RunInference(handler)
         | "Write" >> beam.ParDo(WriteUnits(p.output, p.fingerprint, p.config, p.dim, opts.embedding_dtype)))
 
@@ -244,7 +247,7 @@ def _totals(markers: list[dict]) -> dict:
             reasons[reason] = reasons.get(reason, 0) + n
     return {"items": sum(m["items"] for m in markers), "embedded": sum(m["embedded"] for m in markers),
             "dead_letters": sum(m["dead_letters"] for m in markers), "captions": sum(m["captions"] for m in markers),
-            "dead_letter_reasons": reasons}
+            "blank_captions": sum(m.get("blank_captions", 0) for m in markers), "dead_letter_reasons": reasons}
 
 
 def run(argv: list[str] | None = None) -> EmbedResult:

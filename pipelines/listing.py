@@ -61,6 +61,14 @@ def _listing_root(source: str) -> tuple[str, str, bool]:
     return source, source[:wildcard].rsplit("/", 1)[0], True
 
 
+def input_root(source: str) -> str:
+    """The folder an input's files are expected under: a manifest's folder, a folder itself, or
+    the fixed part of a glob."""
+    if is_manifest(source):
+        return posixpath.dirname(source) if fs.is_url(source) else os.path.dirname(os.path.abspath(source))
+    return _listing_root(source)[1]
+
+
 def list_images(source: str) -> list[Item]:
     """Images under a folder (recursively) or matching a glob, with their sidecar .txt captions.
     An image's id is its path relative to the folder (or to the glob's fixed part)."""

@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from koclip.errors import UsageError
 from koclip.processing import DEFAULT_MAX_PIXELS
+from pipelines.transforms.decode import DEFAULT_MAX_BYTES
 
 DESCRIPTION = """Embed images and their captions with a KoCLIP model into Parquet shards.
 
@@ -54,6 +55,11 @@ class EmbedOptions(PipelineOptions):
         parser.add_argument("--max-pixels", "--max_pixels", dest="max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                             metavar="N",
                             help="images with more pixels are dead-lettered (decompression bombs)")
+        parser.add_argument("--max-bytes", "--max_bytes", dest="max_bytes", type=int, default=DEFAULT_MAX_BYTES,
+                            metavar="N", help="images larger than N bytes are dead-lettered, read no further "
+                                              f"(default {DEFAULT_MAX_BYTES // 1024**2} MiB)")
+        parser.add_argument("--caption-root", "--caption_root", dest="caption_root", default=None, metavar="DIR",
+                            help="caption_uri files must lie under DIR (default: the input's folder)")
         parser.add_argument("--compilation-cache", "--compilation_cache", dest="compilation_cache", default=None,
                             metavar="DIR",
                             help="folder for XLA's persistent compilation cache, so reruns skip compiling "

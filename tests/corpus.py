@@ -77,7 +77,8 @@ def write_corpus(folder: str) -> tuple[list[dict], dict[str, str]]:
     add("missing", "does_not_exist.png", "not_found")
 
     _save(_photo(30), p("captionless.png"))
-    add("empty_caption", "captionless.png", "empty_caption", captions=["좋은 캡션", "  "])
+    # a blank caption is dropped (and counted); the image and its good caption are embedded
+    add("blank_caption", "captionless.png", "embedded", captions=["좋은 캡션", "  "])
 
     for i in range(4, 6):
         _save(_photo(i), p(f"good{i}.png"))

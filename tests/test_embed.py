@@ -9,13 +9,14 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from koclip import fs, store
 from koclip.checkpoint import load_checkpoint
 from koclip.encoders import checkpoint_encoders
 from koclip.processing import ImagePreprocessor
-from pipelines import embed
 from koclip.errors import ManifestError
+from pipelines import embed
 from pipelines.listing import list_items
 from pipelines.transforms.write import read_dead_letters
 from tests.corpus import write_corpus, write_manifest
@@ -65,7 +66,8 @@ def test_every_bad_input_ends_in_exactly_one_outcome(corpus, corpus_run):
     config = load_checkpoint(corpus_run_model(result)).config
     assert result.this_run["model_loads"] == 1
     assert result.this_run["warmup_compiles"] == 1 + len(config.text_length_buckets)
-    assert dead["missing"]["stage"] == "read" and dead["empty_caption"]["stage"] == "caption"
+    assert dead["missing"]["stage"] == "read"
+    assert result.totals["blank_captions"] == 1
     assert not os.path.exists(os.path.join(output, embed.UNITS_DIR))  # removed once every unit is done
     assert all(d["message"] for d in dead.values())
 
@@ -85,7 +87,7 @@ def test_embedded_rows_equal_the_bare_encoder(corpus, corpus_run, encoders):
     for i, path in zip(ids, paths):
         row = rows[i]
         assert row["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
-        assert row["captions"] == by_id[i]["captions"]
+        assert row["captions"] == [c for c in by_id[i]["captions"] if c.strip()]
         assert row["fingerprint"] == ckpt.fingerprint
         np.testing.assert_allclose(np.asarray(row["caption_embeddings"], np.float32),
                                    enc.texts(row["captions"]), atol=1e-5)
@@ -324,3 +326,84 @@ def test_job_graph_does_not_grow_with_the_listing(tiny_ckpt_dir, tmp_path, monke
         shutil.rmtree(output)
     # 50x the items: 98 more unit references of a few hundred bytes, not 12 MB of items.
     assert sizes[100_000] - sizes[2000] < 98 * 300, sizes
+
+
+def test_a_poison_item_alone_is_dead_lettered_and_non_finite_embeddings_never_become_rows(tiny_ckpt_dir):
+    """A batch that fails is encoded again item by item: only the item that fails alone is lost.
+    NaN pixels give NaN embeddings: a dead letter, never a row."""
+    from koclip.data.manifest import Item
+    from pipelines.transforms.decode import DeadLetter, Decoded, UnitRef
+    from pipelines.transforms.model_handler import Embedded, KoclipModelHandler
+
+    handler = KoclipModelHandler(tiny_ckpt_dir, batch_size=4)
+    model = handler.load_model()
+    size = load_checkpoint(tiny_ckpt_dir).config.image_size
+    rng = np.random.default_rng(0)
+
+    def decoded(i, pixels):
+        return Decoded(UnitRef(0, "k", 4), Item(f"i{i}", f"i{i}.png"), (f"캡션 {i}",), "0" * 64, 8, 8, pixels)
+
+    batch = [decoded(i, rng.random((size, size, 3), dtype=np.float32)) for i in range(2)]
+    batch.append(decoded(2, rng.random((size // 2, size // 2, 3), dtype=np.float32)))  # the wrong shape: poison
+    batch.append(decoded(3, np.full((size, size, 3), np.nan, np.float32)))
+    out = {o.decoded.item.id if isinstance(o, Embedded) else o.id: o for o in handler.run_inference(batch, model)}
+    assert sorted(out) == ["i0", "i1", "i2", "i3"]
+    assert all(isinstance(out[i], Embedded) and np.isfinite(out[i].image_embedding).all() for i in ("i0", "i1"))
+    assert isinstance(out["i2"], DeadLetter) and (out["i2"].stage, out["i2"].reason) == ("embed", "inference_failed")
+    assert isinstance(out["i3"], DeadLetter) and out["i3"].reason == "non_finite_embedding"
+
+
+def test_a_redone_unit_leaves_no_stale_dead_letter(tmp_path, tiny_ckpt_dir, corpus):
+    """A unit first written with a dead letter, then redone (as after a crash) with every item good,
+    keeps no dead letter: each item is a row or a dead letter, once."""
+    folder = corpus[0]
+    rows = [{"id": f"good{i}", "image": os.path.join(folder, f"good{i}.png"), "captions": [f"그림 {i}"]}
+            for i in range(3)]
+    rows[0]["image"] = str(tmp_path / "arrives-later.png")
+    manifest = write_manifest(str(tmp_path / "m.jsonl"), rows)
+    output = str(tmp_path / "out")
+    args = ["--input", manifest, "--output", output, "--model", tiny_ckpt_dir, "--unit-size", "3", "--batch-size", "4"]
+    assert embed.run(args).totals["dead_letters"] == 1
+    shutil.copy(os.path.join(folder, "good0.png"), tmp_path / "arrives-later.png")
+    os.remove(os.path.join(output, "_done", "unit-00000.json"))
+    result = embed.run(args)
+    assert (result.totals["embedded"], result.totals["dead_letters"]) == (3, 0)
+    assert read_dead_letters(output) == []
+    assert len(pq.read_table(os.path.join(output, "shard-00000.parquet"))) == 3
+
+
+def test_reads_are_bounded_and_caption_files_stay_inside_the_input(tmp_path, tiny_ckpt_dir, corpus):
+    folder = corpus[0]
+    inside = tmp_path / "data"
+    inside.mkdir()
+    for name in ("good0.png", "good1.png", "good2.png"):
+        shutil.copy(os.path.join(folder, name), inside / name)
+    noise = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(inside / "big.png")  # ~75 KB: random pixels do not compress
+    (inside / "ok.txt").write_text("사과 한 개", encoding="utf-8")
+    (inside / "huge.txt").write_text("가" * 70_000, encoding="utf-8")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the index", encoding="utf-8")
+    big = os.path.getsize(inside / "big.png")
+    limit = max(os.path.getsize(inside / f"good{i}.png") for i in range(3)) + 1
+    assert big > limit
+    rows = [{"id": "ok", "image": "good0.png", "caption_uri": "ok.txt"},
+            {"id": "escape", "image": "good1.png", "caption_uri": str(secret)},
+            {"id": "dotdot", "image": "good1.png", "caption_uri": "../secret.txt"},
+            {"id": "long_caption", "image": "good2.png", "caption_uri": "huge.txt"},
+            {"id": "too_big", "image": "big.png", "captions": ["큰 그림"]}]
+    manifest = write_manifest(str(inside / "m.jsonl"), rows)
+    output = str(tmp_path / "out")
+    result = embed.run(["--input", manifest, "--output", output, "--model", tiny_ckpt_dir, "--max-bytes", str(limit)])
+    dead = {d["id"]: d["reason"] for d in read_dead_letters(output)}
+    assert dead == {"escape": "caption_outside_input", "dotdot": "caption_outside_input",
+                    "long_caption": "caption_too_large", "too_big": "too_large"}
+    table = store.open_store(output).read_table()
+    assert table.column("id").to_pylist() == ["ok"] and table.column("captions").to_pylist() == [["사과 한 개"]]
+    assert "not for the index" not in json.dumps(table.column("captions").to_pylist(), ensure_ascii=False)
+    assert result.totals["items"] == 5
+    # --caption-root widens where caption files may come from
+    wide = embed.run(["--input", manifest, "--output", str(tmp_path / "out2"), "--model", tiny_ckpt_dir,
+                      "--caption-root", str(tmp_path)])
+    assert {d["id"] for d in read_dead_letters(str(tmp_path / "out2"))} == {"long_caption"}
+    assert wide.totals["embedded"] == 4

@@ -265,3 +265,30 @@ def test_extend_refuses_another_model_and_skips_no_change(tmp_path, corpus):
     unchanged = extend_index(root, remove=["no-such-item"])
     assert not unchanged.published and unchanged.version == built.version == current_version(root)
     assert list_versions(root) == [built.version]
+
+
+def test_a_damaged_current_serves_the_newest_complete_version(tmp_path, corpus):
+    store, root = write_store(str(tmp_path / "emb"), corpus[:40]), str(tmp_path / "idx")
+    first = build_index(store, root, kind="flat").version
+    second = build_index(store, root, kind="flat").version
+    fs.write_bytes(fs.join(root, "versions", "99990101-000000-000000", "index.faiss"), b"unfinished build")
+    for garbage in (b"", b"\n", b"no-such-version\n", b"\xff\xfe", b"../../etc\n"):
+        fs.write_bytes(fs.join(root, "CURRENT"), garbage)
+        assert current_version(root) == second  # complete (meta.json), not the unfinished newer folder
+        assert load_index(root).version == second
+    fs.write_bytes(fs.join(root, "CURRENT"), f"{first}\n".encode())
+    assert load_index(root).version == first  # a sound CURRENT is followed, even to an older version
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ("index.faiss", "index.faiss is not a readable faiss index"),
+    ("rows.parquet", "rows.parquet is not a readable Parquet file"),
+    ("meta.json", "meta.json is not JSON"),
+])
+def test_a_damaged_version_file_is_an_index_error(tmp_path, corpus, damaged, message):
+    root = str(tmp_path / "idx")
+    version = build_index(write_store(str(tmp_path / "emb"), corpus[:40]), root, kind="flat").version
+    path = fs.join(root, "versions", version, damaged)
+    fs.write_bytes(path, fs.read_bytes(path)[:20])  # truncated, as a full disk leaves it
+    with pytest.raises(IndexFolderError, match=message):
+        load_index(root)

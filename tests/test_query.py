@@ -159,7 +159,7 @@ def test_caption_index_hits_name_their_item(store_dir, model, records, tmp_path)
     caption = embedded[records.index(pick)]
     hits = query.search(caption, k=2, index=str(tmp_path / "captions"))
     assert hits[0].id == f"{pick.id}#0" and hits[0].item_id == pick.id
-    assert hits[0].captions == pick.captions[:1] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].captions == list(pick.captions[:1]) and hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_k_larger_than_the_index_and_bad_k(index_dir, model, records):

@@ -31,10 +31,7 @@ def _put(root: str, name: str, seed: int, caption: str | None = None) -> None:
 
 
 def _delete(root: str, name: str) -> None:
-    import fsspec
-
-    filesystem, path = fsspec.core.url_to_fs(fs.join(root, name))
-    filesystem.rm(path)
+    fs.remove(fs.join(root, name))
 
 
 def _args(source, work, index, model, *extra):
@@ -130,3 +127,20 @@ def test_errors_are_one_line(tmp_path, capsys, tiny_ckpt_dir):
     assert reindex.main(["--source", str(tmp_path / "bad"), *args]) == 2
     err = capsys.readouterr().err
     assert "nothing to index" in err and err.count("\n") == 1
+
+
+def test_a_rerun_keeps_the_published_index_settings_unless_told(tmp_path, tiny_ckpt_dir):
+    source, work, index = (str(tmp_path / n) for n in ("source", "work", "index"))
+    for i in range(3):
+        _put(source, f"img{i}", seed=i, caption=f"그림 {i}")
+    reindex.reindex(_args(source, work, index, tiny_ckpt_dir, "--kind", "flat", "--max-memory", "1GB",
+                          "--target-recall", "0.9"))
+    _put(source, "img3", seed=3, caption="새 그림")
+    reindex.reindex(_args(source, work, index, tiny_ckpt_dir))
+    meta = load_index(index).meta
+    assert (meta["kind_requested"], meta["max_memory"], meta["target_recall"], meta["count"]) == (
+        "flat", 1024**3, 0.9, 4)
+    _put(source, "img4", seed=4, caption="또 새 그림")
+    reindex.reindex(_args(source, work, index, tiny_ckpt_dir, "--max-memory", "2GB"))
+    meta = load_index(index).meta
+    assert (meta["kind_requested"], meta["max_memory"], meta["target_recall"]) == ("flat", 2 * 1024**3, 0.9)

@@ -22,7 +22,16 @@ def read_index_file(path: str | faiss.Index) -> faiss.Index:
     """A faiss index from serialize_index bytes at `path` (local or gs://), or `path` itself."""
     if isinstance(path, faiss.Index):
         return path
-    return faiss.deserialize_index(np.frombuffer(fs.read_bytes(os.fspath(path)), dtype=np.uint8))
+    data = fs.read_bytes(os.fspath(path))
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:  # faiss's only error type: a truncated or foreign file
+        raise IndexFolderError(f"{path} is not a readable faiss index ({_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(error).__name__
 
 
 def resolve(path: str | os.PathLike) -> str:
@@ -30,10 +39,9 @@ def resolve(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if fs.exists(fs.join(path, "CURRENT")):
         version = current_version(path)
-        folder = fs.join(path, "versions", version)
-        if not fs.exists(fs.join(folder, "meta.json")):
-            raise IndexFolderError(f"{path}/CURRENT names version {version!r}, which has no meta.json")
-        return folder
+        if version is None:
+            raise IndexFolderError(f"{path}/CURRENT names no complete version, and there is none to serve")
+        return fs.join(path, "versions", version)
     if fs.exists(fs.join(path, "meta.json")):
         return path
     if not fs.exists(path):
@@ -50,7 +58,10 @@ def _read_faiss(folder: str, meta: dict) -> faiss.Index:
         local = tempfile.mkdtemp(prefix="koclip-index-")
         for name in ("index.faiss", "index.ivfdata"):
             fs.download(fs.join(folder, name), os.path.join(local, name))
-    return faiss.read_index(os.path.join(local, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    try:
+        return faiss.read_index(os.path.join(local, "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except RuntimeError as e:
+        raise IndexFolderError(f"{folder}/index.faiss is not a readable faiss index ({_first_line(e)})") from None
 
 
 class Index:
@@ -107,16 +118,22 @@ def load_index(path: str | os.PathLike, expect_fingerprint: str | None = None) -
     With expect_fingerprint, refuses an index built by another model than the query model.
     """
     folder = resolve(path)
-    meta = json.loads(fs.read_bytes(fs.join(folder, "meta.json")))
-    if meta.get("format") != FORMAT:
-        raise IndexFolderError(f"{folder}/meta.json is not a koclip index's (format {meta.get('format')!r})")
+    try:
+        meta = json.loads(fs.read_bytes(fs.join(folder, "meta.json")))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFolderError(f"{folder}/meta.json is not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise IndexFolderError(f"{folder}/meta.json is not a koclip index's")
     if expect_fingerprint is not None and meta["fingerprint"] != expect_fingerprint:
         raise IndexFolderError(f"index built by model {meta['fingerprint']}, the query model is {expect_fingerprint}; "
                                "rebuild the index with this model's embeddings")
     index = _read_faiss(folder, meta)
     set_search_params(index, meta["search_params"])
-    with fs.open(fs.join(folder, "rows.parquet")) as f:
-        rows = pq.read_table(f)
+    try:
+        with fs.open(fs.join(folder, "rows.parquet")) as f:
+            rows = pq.read_table(f)
+    except pa.ArrowInvalid as e:
+        raise IndexFolderError(f"{folder}/rows.parquet is not a readable Parquet file ({e})") from None
     if index.ntotal != meta["count"] or len(rows) != meta["count"]:
         raise IndexFolderError(f"{folder} is inconsistent: meta.json says {meta['count']} rows, index.faiss holds "
                                f"{index.ntotal}, rows.parquet {len(rows)}")

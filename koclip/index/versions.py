@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from koclip import fs
-from koclip.errors import IndexBuildError, IndexFolderError
+from koclip.errors import IndexBuildError, IndexFolderError, KoclipError
 from koclip.index.plan import HNSW_EF_CONSTRUCTION, HNSW_M, Plan
 from koclip.index.tuning import Tuning
 
@@ -57,10 +57,28 @@ def list_versions(root: str) -> list[str]:
     return sorted(posixpath.basename(e["path"].rstrip("/")) for e in fs.ls(fs.join(root, "versions")))
 
 
+def _complete(root: str, version: str) -> bool:
+    return bool(version) and "/" not in version and fs.exists(fs.join(root, "versions", version, "meta.json"))
+
+
 def current_version(root: str) -> str | None:
-    """The version CURRENT names, or None before the first publish."""
+    """The version CURRENT names, or None before the first publish. A CURRENT that is empty,
+    unreadable or names no complete version (a damaged disk, a hand edit) is not trusted: the
+    newest complete version is served instead, with a warning."""
     path = fs.join(root, "CURRENT")
-    return fs.read_bytes(path).decode().strip() if fs.exists(path) else None
+    if not fs.exists(path):
+        return None
+    try:
+        named = fs.read_bytes(path, limit=1024).decode().strip()
+    except (UnicodeDecodeError, KoclipError):
+        named = ""
+    if _complete(root, named):
+        return named
+    complete = [v for v in list_versions(root) if _complete(root, v)]
+    fallback = complete[-1] if complete else None
+    log.warning("%s names no complete version (%r); serving the newest complete one, %s", path, named[:80],
+                fallback)
+    return fallback
 
 
 def publish(root: str, version: str, keep: int = 3) -> list[str]:

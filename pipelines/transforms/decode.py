@@ -7,6 +7,7 @@ fuses: a unit's items never leave the bundle that expanded it."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -14,8 +15,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from koclip import fs
-from koclip.processing import ImageDecodeError, ImagePreprocessor, open_image, preprocess_image
-from pipelines.listing import Item
+from koclip.data.manifest import Item
+from koclip.errors import ImageDecodeError, TooLargeError
+from koclip.processing import ImagePreprocessor, open_image, preprocess_image
 
 NAMESPACE = "koclip.embed"
 
@@ -52,13 +54,33 @@ class Decoded:
     width: int
     height: int
     pixels: np.ndarray  # float32 [S, S, 3], preprocessed for the model
+    blank_captions: int = 0  # empty or whitespace captions dropped from the item
+
+
+CAPTION_MAX_BYTES = 64 * 1024  # a caption sidecar larger than this is not a caption
+DEFAULT_MAX_BYTES = 64 * 1024**2
+
+
+def _inside(path: str, root: str) -> bool:
+    if not fs.is_url(path):
+        path, root = os.path.abspath(path), os.path.abspath(root)
+    return path.startswith(root.rstrip("/") + "/")
 
 
 class DecodeItem(beam.DoFn):
-    """(UnitRef, Item) -> Decoded, or a DeadLetter."""
+    """(UnitRef, Item) -> Decoded, or a DeadLetter.
 
-    def __init__(self, preprocessor: ImagePreprocessor):
+    Reads are bounded: an image of more than `max_bytes` and a caption file of more than
+    CAPTION_MAX_BYTES are dead letters, read no further than the limit. A caption file must lie
+    under `caption_root` (the input's folder), so a manifest cannot make a worker publish any file
+    it can read (/etc/...) as a caption. Empty or whitespace captions are dropped and counted; the
+    image is still embedded."""
+
+    def __init__(self, preprocessor: ImagePreprocessor, caption_root: str | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
         self.pre = preprocessor
+        self.caption_root = caption_root
+        self.max_bytes = max_bytes
         self.read = Metrics.counter(NAMESPACE, "items_read")
         self.dead = Metrics.counter(NAMESPACE, "dead_letters")
 
@@ -80,16 +102,24 @@ class DecodeItem(beam.DoFn):
     def _decode(self, unit: UnitRef, item: Item) -> Decoded:
         captions = item.captions
         if item.caption_uri is not None:
+            if self.caption_root is not None and not _inside(item.caption_uri, self.caption_root):
+                raise _Rejected("caption", "caption_outside_input",
+                                f"{item.caption_uri} is not under {self.caption_root} (see --caption-root)")
             try:
-                captions = (fs.read_bytes(item.caption_uri).decode("utf-8-sig").strip(),)
+                captions = (fs.read_bytes(item.caption_uri, CAPTION_MAX_BYTES).decode("utf-8-sig").strip(),)
+            except TooLargeError:
+                raise _Rejected("caption", "caption_too_large",
+                                f"{item.caption_uri} is over {CAPTION_MAX_BYTES} bytes") from None
             except (OSError, UnicodeDecodeError) as e:
                 raise _Rejected("caption", "caption_unreadable", f"{item.caption_uri}: {e}") from None
-        if any(not c.strip() for c in captions):
-            raise _Rejected("caption", "empty_caption", f"caption {captions!r} is empty or whitespace")
+        kept = tuple(c.strip() for c in captions if c.strip())
         try:
-            data = fs.read_bytes(item.uri)
+            data = fs.read_bytes(item.uri, self.max_bytes)
         except FileNotFoundError:
             raise _Rejected("read", "not_found", f"no such file: {item.uri}") from None
+        except TooLargeError:
+            raise _Rejected("read", "too_large", f"{item.uri} is over the {self.max_bytes}-byte limit "
+                            "(--max-bytes)") from None
         except OSError as e:
             raise _Rejected("read", "unreadable", f"{type(e).__name__}: {e}") from None
         try:
@@ -101,8 +131,10 @@ class DecodeItem(beam.DoFn):
         if pixels.shape != (pre.size, pre.size, 3) or not np.isfinite(pixels).all():
             raise _Rejected("validate", "bad_shape", f"preprocessed to {pixels.shape}, expected "
                             f"{(pre.size, pre.size, 3)} finite values")
-        return Decoded(unit, item, tuple(c.strip() for c in captions), hashlib.sha256(data).hexdigest(),
-                       image.width, image.height, pixels.astype(np.float32, copy=False))
+        if len(kept) < len(captions):
+            Metrics.counter(NAMESPACE, "blank_captions_dropped").inc(len(captions) - len(kept))
+        return Decoded(unit, item, kept, hashlib.sha256(data).hexdigest(), image.width, image.height,
+                       pixels.astype(np.float32, copy=False), len(captions) - len(kept))
 
 
 class _Rejected(Exception):

@@ -57,8 +57,10 @@ class LoadedModel:
 
 
 class KoclipModelHandler(ModelHandler[Decoded | DeadLetter, Embedded | DeadLetter, LoadedModel]):
-    """Embeds the Decoded items of a batch; dead letters pass through untouched, and a batch whose
-    encoding raises becomes dead letters (stage "embed") instead of failing the job."""
+    """Embeds the Decoded items of a batch; dead letters pass through untouched. A batch whose
+    encoding raises is encoded again item by item (the same fixed batch shape, padded), so only the
+    items that fail alone become dead letters (stage "embed", reason inference_failed); an item whose
+    embeddings are not finite is a dead letter too (non_finite_embedding), never a row."""
 
     def __init__(self, model_path: str, batch_size: int = 32, dtype: str = "float32",
                  compilation_cache: str | None = None):
@@ -96,19 +98,42 @@ class KoclipModelHandler(ModelHandler[Decoded | DeadLetter, Embedded | DeadLette
         Metrics.distribution(NAMESPACE, "batch_start_unix_ms").update(int(time.time() * 1000))
         try:
             embedded = self._embed(decoded, model)
-        except Exception as e:  # the batch's items become dead letters; the job goes on
-            Metrics.counter(NAMESPACE, "dead_letters").inc(len(decoded))
-            Metrics.counter(NAMESPACE, "dead_letters_inference_failed").inc(len(decoded))
-            return passed + [DeadLetter(d.unit, d.item.id, d.item.uri, "embed", "inference_failed",
-                                        f"{type(e).__name__}: {e}") for d in decoded]
+        except Exception:  # one poison item must not take its 31 neighbours with it
+            Metrics.counter(NAMESPACE, "batches_retried_item_by_item").inc()
+            embedded = [self._embed_alone(d, model) for d in decoded]
+        embedded = [self._finite_or_dead(e) for e in embedded]
+        for reason in ("inference_failed", "non_finite_embedding"):
+            count = sum(isinstance(e, DeadLetter) and e.reason == reason for e in embedded)
+            if count:
+                Metrics.counter(NAMESPACE, "dead_letters").inc(count)
+                Metrics.counter(NAMESPACE, f"dead_letters_{reason}").inc(count)
         Metrics.distribution(NAMESPACE, "batch_latency_ms").update(int((time.perf_counter() - started) * 1000))
-        Metrics.counter(NAMESPACE, "items_embedded").inc(len(decoded))
-        Metrics.counter(NAMESPACE, "captions_embedded").inc(sum(len(d.captions) for d in decoded))
+        rows = [e for e in embedded if isinstance(e, Embedded)]
+        Metrics.counter(NAMESPACE, "items_embedded").inc(len(rows))
+        Metrics.counter(NAMESPACE, "captions_embedded").inc(sum(len(e.decoded.captions) for e in rows))
         Metrics.counter(NAMESPACE, "batches").inc()
         recompiles = model.new_compiles()
         if recompiles:
             Metrics.counter(NAMESPACE, "recompiles").inc(recompiles)
         return passed + embedded
+
+    def _embed_alone(self, decoded: Decoded, model: LoadedModel) -> Embedded | DeadLetter:
+        try:
+            return self._embed([decoded], model)[0]
+        except Exception as e:
+            return DeadLetter(decoded.unit, decoded.item.id, decoded.item.uri, "embed", "inference_failed",
+                              f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+
+    @staticmethod
+    def _finite_or_dead(embedded: Embedded | DeadLetter) -> Embedded | DeadLetter:
+        if isinstance(embedded, DeadLetter):
+            return embedded
+        if np.isfinite(embedded.image_embedding).all() and np.isfinite(embedded.caption_embeddings).all():
+            return embedded
+        what = "image" if not np.isfinite(embedded.image_embedding).all() else "caption"
+        d = embedded.decoded
+        return DeadLetter(d.unit, d.item.id, d.item.uri, "embed", "non_finite_embedding",
+                          f"the {what} embedding holds NaN or inf")
 
     @staticmethod
     def _embed(batch: list[Decoded], model: LoadedModel) -> list[Embedded]:

@@ -55,6 +55,7 @@ class _Pending:
     unit: UnitRef
     rows: list = field(default_factory=list)
     dead: list = field(default_factory=list)
+    blank_captions: int = 0
 
     @property
     def complete(self) -> bool:
@@ -79,6 +80,7 @@ class WriteUnits(beam.DoFn):
             pending.dead.append(element)
         else:
             pending.rows.append(_row(element))
+            pending.blank_captions += element.decoded.blank_captions
         if pending.complete:
             del self.pending[unit.index]
             yield self._write(pending)
@@ -93,12 +95,18 @@ class WriteUnits(beam.DoFn):
 
     def _write(self, pending: _Pending) -> dict:
         index = pending.unit.index
+        # A unit redone after a partial run replaces both of its files: a stale shard or dead-letter
+        # file would hold an item twice (or an item that is now the other kind).
         if pending.rows:
             table = store.rows_to_table(pending.rows, self.fingerprint, self.config, self.dim, self.embedding_dtype)
             store.write_shard(shard_path(self.output, index), table)
+        else:
+            fs.remove(shard_path(self.output, index))
         if pending.dead:
             lines = "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in pending.dead)
             fs.write_bytes(dead_letter_path(self.output, index), lines.encode())
+        else:
+            fs.remove(dead_letter_path(self.output, index))
         done = {
             "unit": index,
             "key": pending.unit.key,
@@ -107,6 +115,7 @@ class WriteUnits(beam.DoFn):
             "dead_letters": len(pending.dead),
             "dead_letter_reasons": dict(Counter(d.reason for d in pending.dead)),
             "captions": sum(len(r.captions) for r in pending.rows),
+            "blank_captions": pending.blank_captions,
             "shard": f"shard-{index:05d}.parquet" if pending.rows else None,
         }
         fs.write_bytes(done_path(self.output, index), json.dumps(done).encode())
