@@ -19,6 +19,9 @@ Each run:
  6. saves the new state. A crash before this point leaves the previous version served, and the
     next run redoes the remaining steps.
 Items that were dead-lettered are remembered with their signature and retried only when they change.
+The model's fingerprint is part of the state (WORK/model.json): a run with another model (or
+with --reembed) embeds every item again into a run of its own, builds a fresh index from it and
+publishes it (the old index is served until then), and only then replaces the live store.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from pipelines.transforms.write import DEAD_LETTER_DIR, read_dead_letters
 log = logging.getLogger("jobs.reindex")
 
 STATE_FILE = "state.parquet"
+MODEL_FILE = "model.json"  # the fingerprint of the model the live store and the index were made by
 LIVE_DIR = "live"
 RUNS_DIR = "runs"
 
@@ -64,8 +68,8 @@ class Diff:
     def empty(self) -> bool:
         return not (self.new or self.changed or self.deleted)
 
-    def digest(self, signatures: dict[str, str]) -> str:
-        h = hashlib.sha256()
+    def digest(self, signatures: dict[str, str], fingerprint: str = "") -> str:
+        h = hashlib.sha256(fingerprint.encode())
         for item in self.new + self.changed:
             h.update(f"+{item.id}\0{signatures[item.id]}\n".encode())
         for item_id in self.deleted:
@@ -122,6 +126,20 @@ def load_state(work: str) -> dict[str, dict]:
         return {}
     table = pq.read_table(io.BytesIO(fs.read_bytes(path)))
     return {row["id"]: row for row in table.to_pylist()}
+
+
+def model_of_state(work: str) -> str | None:
+    """The fingerprint of the model the work dir's live store holds: MODEL_FILE, or for a work dir
+    written before it existed, the live store's own; None before the first run."""
+    path = fs.join(work, MODEL_FILE)
+    if fs.exists(path):
+        return json.loads(fs.read_bytes(path))["fingerprint"]
+    live = fs.join(work, LIVE_DIR)
+    return store.open_store(live).fingerprint if store.list_shards(live) else None
+
+
+def save_model(work: str, fingerprint: str, model: str) -> None:
+    fs.write_bytes(fs.join(work, MODEL_FILE), json.dumps({"fingerprint": fingerprint, "model": model}).encode())
 
 
 def save_state(work: str, state: dict[str, dict]) -> None:
@@ -259,8 +277,17 @@ def reindex(args, before_publish=None) -> ReindexResult:
     version is written and before CURRENT names it (an exception there leaves the old one served)."""
     started = time.perf_counter()
     work = args.work
+    from koclip.checkpoint import load_checkpoint
+
     items = list_items(args.source)
     sigs = signatures(items, content_hash=args.content_hash)
+    fingerprint = load_checkpoint(args.model).fingerprint
+    recorded = model_of_state(work)
+    reembed = args.reembed or (recorded is not None and recorded != fingerprint)
+    if reembed:
+        log.info("re-embedding all %d items with model %s (%s)", len(items), fingerprint,
+                 "--reembed" if args.reembed else f"the live store holds model {recorded}")
+        return _reembed_all(args, items, sigs, fingerprint, started)
     previous = load_state(work)
     changes = diff(items, sigs, previous)
     result = ReindexResult(len(changes.new), len(changes.changed), len(changes.deleted), changes.unchanged)
@@ -269,7 +296,7 @@ def reindex(args, before_publish=None) -> ReindexResult:
         result.seconds = time.perf_counter() - started
         return result
 
-    run_id = changes.digest(sigs)
+    run_id = changes.digest(sigs, fingerprint)
     dead: set[str] = set()
     run_out = None
     to_embed = changes.new + changes.changed
@@ -291,10 +318,41 @@ def reindex(args, before_publish=None) -> ReindexResult:
     for item in to_embed:
         state[item.id] = {"id": item.id, "signature": sigs[item.id], "status": "dead" if item.id in dead else "embedded"}
     save_state(work, state)
+    save_model(work, fingerprint, args.model)
     if run_out is not None:
         _drop_run_shards(run_out)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _reembed_all(args, items: list[Item], sigs: dict[str, str], fingerprint: str, started: float) -> ReindexResult:
+    """A new model (or --reembed): every item is embedded again into a run of its own, a fresh index
+    is built from that run alone and published (the old index is served until then), and only
+    then does the live store take the run's shards. Each step is redone by a rerun after a crash:
+    the state still names the old model until the very end."""
+    from koclip import index as kindex
+
+    work = args.work
+    everything = Diff(new=list(items))
+    run_id = "full-" + everything.digest(sigs, fingerprint)
+    run_out, dead = _embed_changes(args, work, run_id, items)
+    if not store.list_shards(run_out):
+        raise ReindexError(f"nothing to index: none of the {len(items)} items of {args.source} could be embedded "
+                           f"(see {fs.join(run_out, DEAD_LETTER_DIR)})")
+    previous = kindex.load_index(args.index).meta if index_is_published(args.index) else {}
+    settings = {"kind": args.kind or previous.get("kind_requested", "auto"),
+                "max_memory": args.max_memory or previous.get("max_memory", kindex.DEFAULT_MAX_MEMORY),
+                "target_recall": args.target_recall or previous.get("target_recall", kindex.DEFAULT_TARGET_RECALL)}
+    built = kindex.build_index(run_out, args.index, column=args.column, keep=args.keep, **settings)
+    live = fs.join(work, LIVE_DIR)
+    fs.remove(store.list_shards(live))
+    _add_to_live(run_out, live, run_id)
+    save_state(work, {i.id: {"id": i.id, "signature": sigs[i.id], "status": "dead" if i.id in dead else "embedded"}
+                      for i in items})
+    save_model(work, fingerprint, args.model)
+    _drop_run_shards(run_out)
+    return ReindexResult(len(items), 0, 0, 0, len(items) - len(dead), len(dead), built.version, built.meta["count"],
+                         time.perf_counter() - started)
 
 
 def _drop_run_shards(run_out: str) -> None:
@@ -327,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recall@10 to tune for (default: the published index's; 0.95 for the first build)")
     p.add_argument("--content-hash", action="store_true",
                    help="compare files by the sha256 of their bytes instead of size + etag/mtime")
+    p.add_argument("--reembed", action="store_true",
+                   help="embed every item again and rebuild the index (a model change does this by itself)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--unit-size", type=int, default=1000)
     return p

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from jobs import reindex
-from koclip import fs
+from koclip import fs, store
 from koclip.checkpoint import load_checkpoint
 from koclip.encoders import checkpoint_encoders
 from koclip.index import current_version, list_versions, load_index
@@ -144,3 +144,35 @@ def test_a_rerun_keeps_the_published_index_settings_unless_told(tmp_path, tiny_c
     reindex.reindex(_args(source, work, index, tiny_ckpt_dir, "--max-memory", "2GB"))
     meta = load_index(index).meta
     assert (meta["kind_requested"], meta["max_memory"], meta["target_recall"]) == ("flat", 2 * 1024**3, 0.9)
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    from koclip.cli.main import main
+
+    out = str(tmp_path_factory.mktemp("ckpt") / "other")
+    assert main(["init", out, "--tiny", "tiny-bert-clip", "--seed", "1"]) == 0
+    return out
+
+
+def test_a_model_change_reembeds_everything_and_going_back_works(tmp_path, tiny_ckpt_dir, other_model_dir):
+    """Changing --model with no source change re-embeds every item into a fresh live store and a
+    rebuilt index (one model in each); so does going back, and --reembed with the same model."""
+    source, work, index = (str(tmp_path / n) for n in ("source", "work", "index"))
+    for i in range(5):
+        _put(source, f"img{i}", seed=i, caption=f"그림 {i}")
+    first = reindex.reindex(_args(source, work, index, tiny_ckpt_dir))
+    a, b = (load_checkpoint(p).fingerprint for p in (tiny_ckpt_dir, other_model_dir))
+    assert first.embedded == 5 and load_index(index).fingerprint == a
+    for model, fingerprint in ((other_model_dir, b), (tiny_ckpt_dir, a)):
+        switched = reindex.reindex(_args(source, work, index, model))
+        assert (switched.embedded, switched.published is not None) == (5, True)
+        assert load_index(index).fingerprint == fingerprint
+        assert _indexed_ids(index) == {f"img{i}.png" for i in range(5)}
+        live = store.open_store(fs.join(work, reindex.LIVE_DIR))  # one model only, each item once
+        assert live.fingerprint == fingerprint and sorted(live.read_table().column("id").to_pylist()) == sorted(
+            f"img{i}.png" for i in range(5))
+        assert reindex.reindex(_args(source, work, index, model)).published is None  # settled: nothing to do
+    _put(source, "img5", seed=5, caption="새 그림")
+    forced = reindex.reindex(_args(source, work, index, tiny_ckpt_dir, "--reembed"))
+    assert forced.embedded == 6 and len(load_index(index)) == 6
