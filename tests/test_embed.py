@@ -254,7 +254,8 @@ def test_sigkill_part_way_then_rerun_embeds_only_unfinished_units(tiny_ckpt_dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_dir = output / "_done"
     deadline = time.monotonic() + 300
-    while not (done_dir.exists() and any(done_dir.iterdir())):  # wait for the first finished unit
+    # wait for the first finished unit: a done marker under its final name (not NAME.tmp-PID)
+    while not (done_dir.exists() and any(done_dir.glob("unit-*.json"))):
         assert proc.poll() is None, "the pipeline exited before finishing a unit"
         assert time.monotonic() < deadline, "no unit finished within 300 s"
         time.sleep(0.005)
