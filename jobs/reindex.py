@@ -144,6 +144,30 @@ def index_is_published(root: str) -> bool:
     return current_version(root) is not None
 
 
+def _build_settings(args, meta: dict) -> dict:
+    """kind, max_memory and target_recall for a build from scratch: the flags, else the published
+    index's (`meta`), else auto, 4GB and 0.95."""
+    from koclip import index as kindex
+
+    return {"kind": args.kind or meta.get("kind_requested", "auto"),
+            "max_memory": args.max_memory or meta.get("max_memory", kindex.DEFAULT_MAX_MEMORY),
+            "target_recall": args.target_recall or meta.get("target_recall", kindex.DEFAULT_TARGET_RECALL)}
+
+
+def _published_meta(root: str) -> dict:
+    """The published version's meta.json (without loading the index), or {} before the first publish."""
+    from koclip import index as kindex
+
+    if not index_is_published(root):
+        return {}
+    return json.loads(fs.read_bytes(fs.join(kindex.resolve(root), "meta.json")))
+
+
+def _state_rows(items: list[Item], sigs: dict[str, str], dead: set[str]) -> dict[str, dict]:
+    return {i.id: {"id": i.id, "signature": sigs[i.id], "status": "dead" if i.id in dead else "embedded"}
+            for i in items}
+
+
 def publish_index(args, live: str, run_out: str | None, removed_ids: set[str], before_publish=None):
     """A new index version over the live store: extended from the current one (koclip.index
     decides when it must be rebuilt instead), or built from scratch the first time."""
@@ -152,9 +176,7 @@ def publish_index(args, live: str, run_out: str | None, removed_ids: set[str], b
     options = dict(kind=args.kind, max_memory=args.max_memory, target_recall=args.target_recall, keep=args.keep,
                    before_publish=before_publish)
     if not index_is_published(args.index):
-        first = dict(kind="auto", max_memory=kindex.DEFAULT_MAX_MEMORY, target_recall=kindex.DEFAULT_TARGET_RECALL)
-        built = kindex.build_index(live, args.index, column=args.column,
-                                   **{**options, **{k: v for k, v in first.items() if options[k] is None}})
+        built = kindex.build_index(live, args.index, column=args.column, **{**options, **_build_settings(args, {})})
     else:
         add = run_out if run_out is not None and store.list_shards(run_out) else None
         built = kindex.extend_index(args.index, add=add, remove=sorted(removed_ids), full_store=live, **options)
@@ -204,8 +226,7 @@ def reindex(args, before_publish=None) -> ReindexResult:
     result.published, result.live_rows = publish_index(args, live, run_out, removed_ids, before_publish)
 
     state = {k: v for k, v in previous.items() if k not in removed_ids}
-    for item in to_embed:
-        state[item.id] = {"id": item.id, "signature": sigs[item.id], "status": "dead" if item.id in dead else "embedded"}
+    state.update(_state_rows(to_embed, sigs, dead))
     save_state(work, state)
     save_model(work, fingerprint, args.model)
     if run_out is not None:
@@ -228,16 +249,12 @@ def _reembed_all(args, items: list[Item], sigs: dict[str, str], fingerprint: str
     if not store.list_shards(run_out):
         raise ReindexError(f"nothing to index: none of the {len(items)} items of {args.source} could be embedded "
                            f"(see {fs.join(run_out, DEAD_LETTER_DIR)})")
-    previous = kindex.load_index(args.index).meta if index_is_published(args.index) else {}
-    settings = {"kind": args.kind or previous.get("kind_requested", "auto"),
-                "max_memory": args.max_memory or previous.get("max_memory", kindex.DEFAULT_MAX_MEMORY),
-                "target_recall": args.target_recall or previous.get("target_recall", kindex.DEFAULT_TARGET_RECALL)}
-    built = kindex.build_index(run_out, args.index, column=args.column, keep=args.keep, **settings)
+    built = kindex.build_index(run_out, args.index, column=args.column, keep=args.keep,
+                               **_build_settings(args, _published_meta(args.index)))
     live = fs.join(work, LIVE_DIR)
     fs.remove(store.list_shards(live))
     _add_to_live(run_out, live, run_id)
-    save_state(work, {i.id: {"id": i.id, "signature": sigs[i.id], "status": "dead" if i.id in dead else "embedded"}
-                      for i in items})
+    save_state(work, _state_rows(items, sigs, dead))
     save_model(work, fingerprint, args.model)
     _drop_run_shards(run_out)
     return ReindexResult(len(items), 0, 0, 0, len(items) - len(dead), len(dead), built.version, built.meta["count"],

@@ -20,6 +20,7 @@ import builtins
 import os
 import posixpath
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import fsspec
 import fsspec.implementations.local
@@ -89,14 +90,21 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
     return data
 
 
+@contextmanager
 def open(path: str, mode: str = "rb"):  # noqa: A001 (the storage layer's open)
-    """A file object for streaming reads (or writes); NotFoundError when it does not exist."""
-    if "r" in mode and not exists(path):
-        raise NotFoundError(f"no such file: {path}")
+    """A file object for streaming reads (or writes), as a context manager; NotFoundError when it
+    does not exist (found by the open itself: no extra request to an object store)."""
     if "w" in mode:
         filesystem, fs_path = _resolve(path)
         filesystem.makedirs(filesystem._parent(fs_path), exist_ok=True)
-    return fsspec.open(path, mode)
+    try:
+        f = fsspec.open(path, mode).open()
+    except FileNotFoundError:
+        raise NotFoundError(f"no such file: {path}") from None
+    try:
+        yield f
+    finally:
+        f.close()
 
 
 def cat_many(paths: list[str]) -> dict[str, bytes]:

@@ -23,17 +23,15 @@ def long_flags(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def normalize_flags(argv: Iterable[str], flags: set[str]) -> list[str]:
-    """argv with `--a_b[=v]` rewritten to `--a-b[=v]` where `--a-b` is one of `flags` (and the
-    other way round); everything after a bare `--` is left alone."""
+    """argv with `--a_b[=v]` rewritten to `--a-b[=v]` where `--a-b` is one of `flags`; everything
+    after a bare `--` is left alone."""
     out, passthrough = [], False
     for token in argv:
         if not passthrough and token.startswith("--") and len(token) > 2:
             name, eq, value = token.partition("=")
-            if name not in flags:
-                for other in (name.replace("_", "-"), "--" + name[2:].replace("-", "_")):
-                    if other in flags:
-                        token = other + eq + value
-                        break
+            hyphenated = "--" + name[2:].replace("_", "-")
+            if name not in flags and hyphenated in flags:
+                token = hyphenated + eq + value
         passthrough = passthrough or token == "--"
         out.append(token)
     return out

@@ -202,7 +202,7 @@ def _id_hash(item_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(item_id.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _duplicates(path: str, hashes: array.array, strict: bool) -> list[str]:
+def _duplicates(path: str, hashes: array.array) -> list[str]:
     """"where: duplicate id ..." for each repeated id (a second pass, only when hashes repeat)."""
     sorted_hashes = np.sort(np.frombuffer(hashes, dtype=np.int64))
     repeated = set(sorted_hashes[1:][sorted_hashes[1:] == sorted_hashes[:-1]].tolist())
@@ -237,7 +237,7 @@ def iter_manifest(path: str | os.PathLike, strict: bool = False) -> Iterator[Ite
             continue
         hashes.append(_id_hash(item.id))
         yield item
-    errors += _duplicates(path, hashes, strict)
+    errors += _duplicates(path, hashes)
     if errors:
         raise ManifestError(errors if strict else errors[:1])
 
