@@ -1,6 +1,11 @@
 """What jobs.reindex remembers between runs and how it tells what changed: each item's signature
 (uri, size and etag or mtime, the sidecar's too, the captions; or a content hash), the state
-file of the last run, the model the live store holds, and the diff against the source."""
+file of the last run, the model the live store holds, the diff against the source, and the
+journal of a run that has been decided but not yet fully applied (WORK/pending/).
+
+A state row: id, signature, status ("embedded": a row of the live store; "dead": a dead letter),
+transient (whether the dead letter's error may not recur), attempts (runs in a row that failed on
+this signature)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,6 +23,7 @@ from koclip.data.manifest import Item
 STATE_FILE = "state.parquet"
 MODEL_FILE = "model.json"  # the fingerprint of the model the live store and the index were made by
 LIVE_DIR = "live"
+PENDING_DIR = "pending"  # the journal: state.parquet and run.json (written last) of a committed run
 
 
 @dataclass
@@ -25,16 +31,23 @@ class Diff:
     new: list[Item] = field(default_factory=list)
     changed: list[Item] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    retry: list[Item] = field(default_factory=list)  # unchanged dead letters tried again
     unchanged: int = 0
 
     @property
     def empty(self) -> bool:
-        return not (self.new or self.changed or self.deleted)
+        return not (self.new or self.changed or self.deleted or self.retry)
 
-    def digest(self, signatures: dict[str, str], fingerprint: str = "") -> str:
+    @property
+    def to_embed(self) -> list[Item]:
+        return self.new + self.changed + self.retry
+
+    def digest(self, signatures: dict[str, str], fingerprint: str = "", attempts: dict[str, int] | None = None) -> str:
         h = hashlib.sha256(fingerprint.encode())
         for item in self.new + self.changed:
             h.update(f"+{item.id}\0{signatures[item.id]}\n".encode())
+        for item in self.retry:  # the attempt number keeps each retry a run of its own
+            h.update(f"~{item.id}\0{signatures[item.id]}\0{(attempts or {}).get(item.id, 0)}\n".encode())
         for item_id in self.deleted:
             h.update(f"-{item_id}\n".encode())
         return h.hexdigest()[:16]
@@ -83,12 +96,28 @@ def signatures(items: list[Item], content_hash: bool = False) -> dict[str, str]:
     return out
 
 
-def load_state(work: str) -> dict[str, dict]:
-    path = fs.join(work, STATE_FILE)
+STATE_COLUMNS = {"id": pa.string(), "signature": pa.string(), "status": pa.string(), "transient": pa.bool_(),
+                 "attempts": pa.int32()}
+
+
+def _read_state(path: str) -> dict[str, dict]:
     if not fs.exists(path):
         return {}
-    table = pq.read_table(io.BytesIO(fs.read_bytes(path)))
-    return {row["id"]: row for row in table.to_pylist()}
+    rows = pq.read_table(io.BytesIO(fs.read_bytes(path))).to_pylist()
+    # a state written before dead letters were split: its dead letters count as permanent
+    return {r["id"]: {"transient": False, "attempts": 1 if r["status"] == "dead" else 0, **r} for r in rows}
+
+
+def _write_state(path: str, state: dict[str, dict]) -> None:
+    rows = sorted(state.values(), key=lambda r: r["id"])
+    table = pa.table({name: pa.array([r[name] for r in rows], kind) for name, kind in STATE_COLUMNS.items()})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    fs.write_bytes(path, buffer.getvalue())
+
+
+def load_state(work: str) -> dict[str, dict]:
+    return _read_state(fs.join(work, STATE_FILE))
 
 
 def model_of_state(work: str) -> str | None:
@@ -106,15 +135,83 @@ def save_model(work: str, fingerprint: str, model: str) -> None:
 
 
 def save_state(work: str, state: dict[str, dict]) -> None:
-    rows = sorted(state.values(), key=lambda r: r["id"])
-    table = pa.table({"id": [r["id"] for r in rows], "signature": [r["signature"] for r in rows],
-                      "status": [r["status"] for r in rows]})
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    fs.write_bytes(fs.join(work, STATE_FILE), buffer.getvalue())
+    _write_state(fs.join(work, STATE_FILE), state)
 
 
-def diff(items: list[Item], sigs: dict[str, str], previous: dict[str, dict]) -> Diff:
+def state_rows(items: list[Item], sigs: dict[str, str], dead: dict[str, dict],
+               previous: dict[str, dict]) -> dict[str, dict]:
+    """The state rows of items just embedded; `dead` maps an id to its dead-letter record. A dead
+    letter on an unchanged signature counts one more attempt."""
+    rows = {}
+    for item in items:
+        record = dead.get(item.id)
+        before = previous.get(item.id)
+        attempts = 0
+        if record is not None:
+            same = before is not None and before["signature"] == sigs[item.id] and before["status"] == "dead"
+            attempts = before["attempts"] + 1 if same else 1
+        rows[item.id] = {"id": item.id, "signature": sigs[item.id], "status": "dead" if record else "embedded",
+                         "transient": bool(record and record.get("transient")), "attempts": attempts}
+    return rows
+
+
+# ---------------------------------------------------------------- the journal of a committed run
+
+
+@dataclass
+class Pending:
+    """A run that has been decided: its embeddings are in `run_out` and `state` is the state once it
+    is applied. Applying it (jobs.reindex) is redone from the start after a crash, so each step
+    must be idempotent: the live store drops `remove` (every id the run touches) before adding
+    the run's shards; the index step is skipped once CURRENT names `published`."""
+
+    run: str
+    run_out: str | None  # None: the run embedded nothing (only deletions)
+    full: bool  # a re-embed of everything: the live store is replaced, the index built afresh
+    remove: list[str]
+    fingerprint: str
+    model: str
+    state: dict[str, dict] = field(default_factory=dict, repr=False)
+    published: str | None = None  # the index version written for this run, once it has been
+
+
+def _pending_path(work: str, name: str) -> str:
+    return fs.join(work, PENDING_DIR, name)
+
+
+def save_pending(work: str, pending: Pending) -> None:
+    """Commit a run: its new state first, then run.json, whose existence is the commit."""
+    _write_state(_pending_path(work, STATE_FILE), pending.state)
+    record = {k: getattr(pending, k) for k in ("run", "run_out", "full", "remove", "fingerprint", "model")}
+    fs.write_bytes(_pending_path(work, "run.json"), json.dumps(record, ensure_ascii=False).encode())
+
+
+def load_pending(work: str) -> Pending | None:
+    path = _pending_path(work, "run.json")
+    if not fs.exists(path):
+        return None
+    pending = Pending(**json.loads(fs.read_bytes(path)), state=_read_state(_pending_path(work, STATE_FILE)))
+    marker = _pending_path(work, "published.json")
+    if fs.exists(marker):
+        record = json.loads(fs.read_bytes(marker))
+        pending.published = record["version"] if record["run"] == pending.run else None
+    return pending
+
+
+def mark_published(work: str, pending: Pending, version: str) -> None:
+    """Called when the run's index version is written, before CURRENT names it."""
+    fs.write_bytes(_pending_path(work, "published.json"), json.dumps({"run": pending.run, "version": version}).encode())
+
+
+def clear_pending(work: str) -> None:
+    fs.remove(_pending_path(work, "run.json"))  # first: without it the rest is ignored
+    fs.remove([_pending_path(work, name) for name in ("published.json", STATE_FILE)])
+
+
+def diff(items: list[Item], sigs: dict[str, str], previous: dict[str, dict], max_attempts: int = 3,
+         retry_all: bool = False) -> Diff:
+    """New, changed and deleted items; a dead letter on an unchanged item is tried again when it
+    was transient and has had fewer than `max_attempts` attempts, or always with `retry_all`."""
     result = Diff()
     for item in items:
         before = previous.get(item.id)
@@ -122,6 +219,8 @@ def diff(items: list[Item], sigs: dict[str, str], previous: dict[str, dict]) -> 
             result.new.append(item)
         elif before["signature"] != sigs[item.id]:
             result.changed.append(item)
+        elif before["status"] == "dead" and (retry_all or (before["transient"] and before["attempts"] < max_attempts)):
+            result.retry.append(item)
         else:
             result.unchanged += 1
     current = {i.id for i in items}

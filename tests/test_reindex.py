@@ -98,17 +98,17 @@ def test_crash_between_build_and_publish_keeps_the_previous_version(tmp_path, ti
     served = current_version(index)
     _put(source, "a3", seed=3, caption="추가")
 
-    def crash(folder: str):
-        assert fs.exists(fs.join(folder, "meta.json"))  # built and written, not yet published
-        raise RuntimeError("killed before publishing")
+    def crash(step: str):
+        if step == "index_written":  # built and written, not yet published
+            raise RuntimeError("killed before publishing")
 
     with pytest.raises(RuntimeError, match="killed before publishing"):
-        reindex.reindex(_args(source, work, index, tiny_ckpt_dir), before_publish=crash)
+        reindex.reindex(_args(source, work, index, tiny_ckpt_dir), on_step=crash)
     assert current_version(index) == served
     assert _indexed_ids(index) == {"a0.png", "a1.png", "a2.png"}
 
-    recovered = reindex.reindex(_args(source, work, index, tiny_ckpt_dir))
-    assert recovered.new == 1 and recovered.published is not None
+    recovered = reindex.reindex(_args(source, work, index, tiny_ckpt_dir))  # finishes the committed run
+    assert recovered.new == 0 and recovered.published is not None and recovered.live_rows == 4
     assert _indexed_ids(index) == {f"a{i}.png" for i in range(4)}
 
 
@@ -176,3 +176,37 @@ def test_a_model_change_reembeds_everything_and_going_back_works(tmp_path, tiny_
     _put(source, "img5", seed=5, caption="새 그림")
     forced = reindex.reindex(_args(source, work, index, tiny_ckpt_dir, "--reembed"))
     assert forced.embedded == 6 and len(load_index(index)) == 6
+
+
+def test_a_read_that_times_out_once_is_retried_on_the_next_run(tmp_path, tiny_ckpt_dir, monkeypatch):
+    """A transient dead letter (an injected read timeout) is tried again by the next run although
+    the item did not change; a permanent one (bytes that are no image) is not, unless
+    --retry-dead-letters; a transient one that keeps failing stops after --max-attempts runs."""
+    from koclip import faults
+
+    source, work, index, injected = (str(tmp_path / n) for n in ("source", "work", "index", "faults"))
+    monkeypatch.setenv(faults.FAULTS_ENV, injected)
+    for i in range(4):
+        _put(source, f"img{i}", seed=i, caption=f"그림 {i}")
+    fs.write_bytes(fs.join(source, "broken.png"), b"not a png")
+    faults.inject_read_faults(injected, fs.join(source, "img1.png"))
+    faults.inject_read_faults(injected, fs.join(source, "img2.png"), times=5)
+    args = _args(source, work, index, tiny_ckpt_dir, "--max-attempts", "2")
+
+    first = reindex.reindex(args)
+    assert (first.embedded, first.dead_letters) == (2, 3)
+    state = reindex.load_state(work)
+    assert [state[i]["transient"] for i in ("img1.png", "img2.png", "broken.png")] == [True, True, False]
+    assert _indexed_ids(index) == {"img0.png", "img3.png"}
+
+    second = reindex.reindex(args)  # img1 now reads; img2 times out again (its 2nd attempt)
+    assert (second.retried, second.embedded, second.dead_letters) == (2, 1, 1)
+    assert _indexed_ids(index) == {"img0.png", "img1.png", "img3.png"}
+    assert reindex.load_state(work)["img2.png"]["attempts"] == 2
+
+    third = reindex.reindex(args)  # img2 has had its 2 attempts, broken.png is permanent
+    assert (third.retried, third.published) == (0, None)
+
+    forced = reindex.reindex(_args(source, work, index, tiny_ckpt_dir, "--retry-dead-letters"))
+    assert (forced.retried, forced.embedded, forced.dead_letters) == (2, 0, 2)  # img2's 3rd fault; broken
+    assert reindex.load_state(work)["broken.png"]["attempts"] == 2

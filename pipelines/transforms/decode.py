@@ -14,7 +14,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from koclip import fs
+from koclip import faults, fs
 from koclip.data.manifest import Item
 from koclip.errors import ImageDecodeError, TooLargeError
 from koclip.processing import ImagePreprocessor, open_image, preprocess_image
@@ -39,10 +39,11 @@ class DeadLetter:
     stage: str  # read | caption | decode | validate | embed
     reason: str
     message: str
+    transient: bool = False  # another try may succeed (koclip.faults.is_transient)
 
     def to_json(self) -> dict:
         return {"id": self.id, "uri": self.uri, "stage": self.stage, "reason": self.reason,
-                "message": self.message}
+                "message": self.message, "transient": self.transient}
 
 
 @dataclass
@@ -84,10 +85,10 @@ class DecodeItem(beam.DoFn):
         self.read = Metrics.counter(NAMESPACE, "items_read")
         self.dead = Metrics.counter(NAMESPACE, "dead_letters")
 
-    def _dead(self, unit, item, stage, reason, message):
+    def _dead(self, unit, item, stage, reason, message, transient=False):
         self.dead.inc()
         Metrics.counter(NAMESPACE, f"dead_letters_{reason}").inc()
-        return DeadLetter(unit, item.id, item.uri, stage, reason, message)
+        return DeadLetter(unit, item.id, item.uri, stage, reason, message, transient)
 
     def process(self, element):
         unit, item = element
@@ -95,9 +96,10 @@ class DecodeItem(beam.DoFn):
         try:
             yield self._decode(unit, item)
         except _Rejected as e:
-            yield self._dead(unit, item, e.stage, e.reason, e.message)
+            yield self._dead(unit, item, e.stage, e.reason, e.message, e.transient)
         except Exception as e:  # anything unforeseen is still this item's failure, not the job's
-            yield self._dead(unit, item, "decode", "decode_failed", f"{type(e).__name__}: {e}")
+            yield self._dead(unit, item, "decode", "decode_failed", f"{type(e).__name__}: {e}",
+                             faults.is_transient(e))
 
     def _decode(self, unit: UnitRef, item: Item) -> Decoded:
         captions = item.captions
@@ -111,17 +113,21 @@ class DecodeItem(beam.DoFn):
                 raise _Rejected("caption", "caption_too_large",
                                 f"{item.caption_uri} is over {CAPTION_MAX_BYTES} bytes") from None
             except (OSError, UnicodeDecodeError) as e:
-                raise _Rejected("caption", "caption_unreadable", f"{item.caption_uri}: {e}") from None
+                raise _Rejected("caption", "caption_unreadable", f"{item.caption_uri}: {e}",
+                                faults.is_transient(e)) from None
         kept = tuple(c.strip() for c in captions if c.strip())
         try:
+            faults.check_read(item.uri)
             data = fs.read_bytes(item.uri, self.max_bytes)
         except FileNotFoundError:
             raise _Rejected("read", "not_found", f"no such file: {item.uri}") from None
         except TooLargeError:
             raise _Rejected("read", "too_large", f"{item.uri} is over the {self.max_bytes}-byte limit "
                             "(--max-bytes)") from None
-        except OSError as e:
-            raise _Rejected("read", "unreadable", f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # OSError, or a client library's own (aiohttp, gcsfs)
+            transient = faults.is_transient(e)
+            raise _Rejected("read", "read_failed" if transient else "unreadable", f"{type(e).__name__}: {e}",
+                            transient) from None
         try:
             image = open_image(data, self.pre.max_pixels)
         except ImageDecodeError as e:
@@ -138,6 +144,6 @@ class DecodeItem(beam.DoFn):
 
 
 class _Rejected(Exception):
-    def __init__(self, stage: str, reason: str, message: str):
+    def __init__(self, stage: str, reason: str, message: str, transient: bool = False):
         super().__init__(message)
-        self.stage, self.reason, self.message = stage, reason, message
+        self.stage, self.reason, self.message, self.transient = stage, reason, message, transient

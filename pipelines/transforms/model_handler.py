@@ -121,8 +121,11 @@ class KoclipModelHandler(ModelHandler[Decoded | DeadLetter, Embedded | DeadLette
         try:
             return self._embed([decoded], model)[0]
         except Exception as e:
+            # transient: an item that fails alone may be a poison item or a device fault; a later
+            # run tries it again (jobs.reindex caps the attempts)
             return DeadLetter(decoded.unit, decoded.item.id, decoded.item.uri, "embed", "inference_failed",
-                              f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+                              f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                              transient=True)
 
     @staticmethod
     def _finite_or_dead(embedded: Embedded | DeadLetter) -> Embedded | DeadLetter:
