@@ -90,3 +90,12 @@ class FingerprintMismatch(QueryError):
 
 class PatchError(QueryError):
     """A bad grid, mode or text for rank_patches."""
+
+
+class LockHeld(KoclipError):
+    """A folder's lock (FOLDER/LOCK, koclip.lock) is held by another live process; the message names it."""
+
+
+class LockLost(KoclipError):
+    """The lock this process held was broken or replaced by another (it could not be renewed in time):
+    the holder stops before its next irreversible step."""

@@ -13,19 +13,24 @@ outside this module talks to fsspec's filesystems directly.
     remove, remove_tree               deletion
     download, upload                  copies between a URL and a local file
     arrow_paths                       a filesystem and bare paths for pyarrow.dataset
+    create_new, read_generation,      conditional writes (local and gs:// only), for koclip.lock
+    replace_if, delete_if
 """
 from __future__ import annotations
 
 import builtins
+import fcntl
+import hashlib
 import os
 import posixpath
+import uuid
 from collections.abc import Iterable
 from contextlib import contextmanager
 
 import fsspec
 import fsspec.implementations.local
 
-from koclip.errors import NotFoundError, TooLargeError
+from koclip.errors import NotFoundError, TooLargeError, UsageError
 
 
 def is_url(path: str) -> bool:
@@ -238,3 +243,153 @@ def arrow_paths(paths: list[str]):
     """(filesystem, bare paths) for pyarrow.dataset.dataset(paths, filesystem=...)."""
     filesystem, _ = _resolve(paths[0])
     return filesystem, [_resolve(p)[1] for p in paths]
+
+
+# ---------------------------------------------------------------- conditional writes
+# A generation is a string naming one version of one file; each call below compares it and acts in
+# one step, so two processes racing on a file cannot both win (koclip.lock builds on this).
+# gs://: GCS's own object generation, and every change carries GCS's precondition
+# (ifGenerationMatch, 0 meaning "no live object"), sent through gcsfs's request machinery; the
+# server decides, so this holds across machines. gcsfs retries a request that failed in transit,
+# so a change that did happen may be reported as refused (never the reverse): callers must treat
+# "refused" as "someone else may have it".
+# Local paths: the generation is the inode, the mtime in ns and a hash of the bytes; every change
+# runs under an exclusive flock on the file's folder (read_generation needs none: it reads one open
+# file), and the bytes always arrive by rename, so readers never see a half-written file. That
+# holds between processes of one machine; across machines only as far as the shared filesystem
+# honours flock (NFS: its lock manager). For a lock across machines, use gs://.
+
+
+def _conditional(path: str):
+    """(filesystem, bare path, is local); only local paths and gs:// have conditional writes."""
+    filesystem, fs_path = _resolve(path)
+    if _is_local(filesystem):
+        return filesystem, fs_path, True
+    if _protocol(path) in ("gs://", "gcs://"):
+        return filesystem, fs_path, False
+    raise UsageError(f"{path}: conditional writes (locks) need a local path or gs://, not {_protocol(path)}")
+
+
+def create_new(path: str, data: bytes) -> str | None:
+    """Write `data` to `path` only if nothing is there: the new file's generation, or None when a
+    file already existed (and was left as it is)."""
+    filesystem, fs_path, local = _conditional(path)
+    if not local:
+        return _gcs_upload(filesystem, fs_path, data, "0")
+    os.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
+    tmp = _local_tmp(fs_path, data)
+    with _folder_locked(fs_path):
+        if os.path.lexists(fs_path):
+            os.remove(tmp)
+            return None
+        return _local_publish(tmp, fs_path)
+
+
+def read_generation(path: str) -> tuple[bytes, str] | None:
+    """(the file's bytes, their generation), or None when there is no file."""
+    filesystem, fs_path, local = _conditional(path)
+    if local:
+        return _local_read(fs_path)
+    bucket, key, _ = filesystem.split_path(fs_path)
+    for _ in range(5):
+        try:
+            generation = str(filesystem.call("GET", "b/{}/o/{}", bucket, key, json_out=True)["generation"])
+        except FileNotFoundError:
+            return None
+        try:  # that very generation's bytes: 404 when it was replaced in between, then read again
+            _, data = filesystem.call("GET", "b/{}/o/{}", bucket, key, alt="media", generation=generation)
+        except FileNotFoundError:
+            continue
+        return data, generation
+    raise OSError(f"{path} kept changing while it was read")
+
+
+def replace_if(path: str, data: bytes, generation: str) -> str | None:
+    """Replace the file with `data` only if it is still at `generation`: the new generation, or None
+    (it changed, or is gone; nothing was written)."""
+    filesystem, fs_path, local = _conditional(path)
+    if not local:
+        return _gcs_upload(filesystem, fs_path, data, generation)
+    tmp = _local_tmp(fs_path, data)
+    with _folder_locked(fs_path):
+        found = _local_read(fs_path)
+        if found is None or found[1] != generation:
+            os.remove(tmp)
+            return None
+        return _local_publish(tmp, fs_path)
+
+
+def delete_if(path: str, generation: str) -> bool:
+    """Delete the file only if it is still at `generation`; False when it changed or is gone."""
+    filesystem, fs_path, local = _conditional(path)
+    if not local:
+        bucket, key, _ = filesystem.split_path(fs_path)
+        try:
+            filesystem.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=generation)
+        except (FileExistsError, FileNotFoundError):  # gcsfs's names for 412 and 404
+            return False
+        finally:
+            filesystem.invalidate_cache(fs_path)
+        return True
+    with _folder_locked(fs_path):
+        found = _local_read(fs_path)
+        if found is None or found[1] != generation:
+            return False
+        os.remove(fs_path)
+        _fsync_dir(os.path.dirname(fs_path))
+        return True
+
+
+def _gcs_upload(filesystem, fs_path: str, data: bytes, if_generation: str) -> str | None:
+    """One media upload with the precondition ifGenerationMatch=if_generation; the new generation,
+    or None when GCS refused it (412)."""
+    from urllib.parse import quote
+
+    bucket, key, _ = filesystem.split_path(fs_path)
+    try:
+        made = filesystem.call("POST", f"{filesystem._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o",
+                               uploadType="media", name=key, ifGenerationMatch=if_generation, data=data,
+                               headers={"Content-Type": "application/octet-stream"}, json_out=True)
+    except FileExistsError:  # gcsfs's name for 412; a missing bucket (404) is an error
+        return None
+    finally:
+        filesystem.invalidate_cache(fs_path)
+    return str(made["generation"])
+
+
+def _local_read(fs_path: str) -> tuple[bytes, str] | None:
+    try:
+        with builtins.open(fs_path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    return data, f"{stat.st_ino}-{stat.st_mtime_ns}-{digest}"
+
+
+def _local_tmp(fs_path: str, data: bytes) -> str:
+    tmp = f"{fs_path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with builtins.open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _local_publish(tmp: str, fs_path: str) -> str:
+    """Rename tmp to fs_path (the caller holds the folder's flock); the new generation."""
+    os.replace(tmp, fs_path)
+    _fsync_dir(os.path.dirname(fs_path))
+    return _local_read(fs_path)[1]
+
+
+@contextmanager
+def _folder_locked(fs_path: str):
+    """An exclusive flock on the file's folder, for one compare-and-change."""
+    descriptor = os.open(os.path.dirname(fs_path) or ".", os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the flock

@@ -70,6 +70,36 @@ def gcs_bucket(gcs_emulator, request):
     return f"gs://koclip-test/{name}-{time.monotonic_ns()}"
 
 
+@pytest.fixture(scope="session")
+def gcs_emulator_with_preconditions():
+    """The same emulator with GCS's generation preconditions added (tests/gcs_emulator.py says why);
+    yields its URL. Tests reach it through `gcs_lock_bucket`."""
+    pytest.importorskip("gcp_storage_emulator", reason="pip install -e '.[dev]' brings the GCS emulator")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"),
+                             "--host", "127.0.0.1", "--port", str(port), "--default-bucket", "koclip-test"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def gcs_lock_bucket(gcs_emulator_with_preconditions, request, monkeypatch):
+    """A fresh gs:// prefix on the emulator that honours preconditions; STORAGE_EMULATOR_HOST points
+    at it for this test (and the processes it starts)."""
+    import gcsfs
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator_with_preconditions)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")
+    yield f"gs://koclip-test/{name}-{time.monotonic_ns()}"
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def isolated_cache(tmp_path_factory):
     """Keep what tests build (tokenizers, tiny models) out of the user's ~/.cache/koclip."""
