@@ -38,7 +38,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import apache_beam as beam
 import faiss
@@ -52,6 +52,7 @@ from koclip.index import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RE
                           BuildResult, IndexBuildError, add_truth, add_vectors, choose_index, ivf_part, make_meta,
                           new_version, parse_memory, plan_of, publish_written, query_rows, read_index_file, read_shard,
                           removed_on_failure, train, train_rows, tune, write_meta)
+from koclip.lock import hold
 from koclip.store import Store, open_store
 
 log = logging.getLogger("pipelines.index")
@@ -182,11 +183,14 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
         raise IndexBuildError(f"keep must be at least 1, got {keep}")
     store = embeddings if isinstance(embeddings, Store) else open_store(os.fspath(embeddings))
     budget = parse_memory(max_memory)
-    version = new_version(out)
-    folder = fs.join(out, "versions", version)
-    work = fs.join(folder, "_work")
     remote_out = "://" in out  # then merge in a local temporary folder and upload the result
-    with removed_on_failure(out, version), _merge_folder(folder, remote_out) as local:
+    with ExitStack() as stack:  # the root's lock first (koclip.lock), released last
+        root_lock = stack.enter_context(hold(out, what="pipelines.index_beam"))
+        version = new_version(out)
+        folder = fs.join(out, "versions", version)
+        work = fs.join(folder, "_work")
+        stack.enter_context(removed_on_failure(out, version))
+        local = stack.enter_context(_merge_folder(folder, remote_out))
         counts = count_rows(store, column)
         n = sum(counts)
         if not n:
@@ -240,7 +244,7 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
                          target_recall=target_recall, max_memory=budget, build_seconds=time.perf_counter() - started,
                          index_bytes=index_bytes, layout="ondisk", kind_requested="ivfpq", shards=len(elements))
         write_meta(folder, meta)
-        deleted = publish_written(out, version, keep, before_publish)
+        deleted = publish_written(out, version, keep, before_publish, root_lock)
     return BuildResult(out, version, meta, True, deleted)
 
 

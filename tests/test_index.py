@@ -5,8 +5,10 @@ with koclip.store. Recall is checked against numpy's exact inner products, not F
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,10 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
 from bench.index import clustered_vectors  # noqa: E402
-from koclip import fs  # noqa: E402
+from koclip import fs, lock  # noqa: E402
+from koclip.errors import LockHeld  # noqa: E402
 from koclip.index import (KINDS, IndexBuildError, IndexFolderError,  # noqa: E402
                           build_index, choose_index, current_version, extend_index, list_versions, load_index,
-                          parse_memory)
+                          parse_memory, publish)
 from koclip.index.tuning import query_rows, set_search_params  # noqa: E402
 from koclip.store import Row, StoreError, rows_to_table, write_shard  # noqa: E402
 
@@ -292,3 +295,107 @@ def test_a_damaged_version_file_is_an_index_error(tmp_path, corpus, damaged, mes
     fs.write_bytes(path, fs.read_bytes(path)[:20])  # truncated, as a full disk leaves it
     with pytest.raises(IndexFolderError, match=message):
         load_index(root)
+
+
+# ---------------------------------------------------------------- the root's lock; CURRENT never backwards
+
+
+def test_publish_never_moves_current_backwards(tmp_path, corpus):
+    root, store = str(tmp_path / "idx"), write_store(str(tmp_path / "emb"), corpus[:40])
+    older = build_index(store, root, kind="flat").version
+    newer = build_index(store, root, kind="flat").version
+    with pytest.raises(IndexBuildError, match=f"^a newer version {newer} is already published in {root}; {older} "
+                                              "is left unpublished$"):
+        publish(root, older)
+    assert current_version(root) == newer and list_versions(root) == [older, newer]
+
+
+def test_a_build_that_finds_a_newer_version_published_leaves_it_and_discards_its_own(tmp_path, corpus):
+    root, store = str(tmp_path / "idx"), write_store(str(tmp_path / "emb"), corpus[:40])
+    meanwhile = []
+
+    def newer_build_publishes_first(folder):  # the lock is re-entrant in this thread: the inner build runs
+        meanwhile.append(build_index(store, root, kind="flat").version)
+
+    with pytest.raises(IndexBuildError, match="a newer version .* is already published"):
+        build_index(store, root, kind="flat", before_publish=newer_build_publishes_first)
+    assert current_version(root) == meanwhile[0] and list_versions(root) == meanwhile
+    assert not fs.exists(fs.join(root, "LOCK"))
+
+
+def foreign_lock(root: str) -> None:
+    """ROOT/LOCK as another live process on another machine holds it."""
+    moment = datetime.datetime.now(datetime.timezone.utc)
+    record = {"holder": {"host": "build-host-2", "pid": 777, "token": "feedfacefeedface"}, "what": "jobs.reindex",
+              "acquired": moment.isoformat(), "renewed": moment.isoformat(),
+              "expires": (moment + datetime.timedelta(minutes=10)).isoformat(), "ttl_seconds": 600}
+    assert fs.create_new(fs.join(root, "LOCK"), json.dumps(record).encode())
+
+
+def test_a_locked_root_is_left_alone_by_build_and_extend(tmp_path, corpus, capsys):
+    root, store = str(tmp_path / "idx"), write_store(str(tmp_path / "emb"), corpus[:40])
+    served = build_index(store, root, kind="flat").version
+    foreign_lock(root)
+    for attempt in (lambda: build_index(store, root), lambda: extend_index(root, remove=["item0"])):
+        with pytest.raises(LockHeld, match=rf"^{root} is locked by jobs.reindex on build-host-2 \(pid 777\)"):
+            attempt()
+    from pipelines.index import main
+
+    assert main(["--embeddings", store, "--out", root]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"pipelines.index: error: {root} is locked by jobs.reindex on "
+                                                   "build-host-2 (pid 777) since ")
+    assert list_versions(root) == [served] and current_version(root) == served
+
+
+def test_a_caller_holding_the_roots_lock_builds_and_extends_inside_it(tmp_path, corpus):
+    root, work = str(tmp_path / "idx"), str(tmp_path / "work")
+    store = write_store(str(tmp_path / "emb"), corpus[:40])
+    with lock.hold(work, what="jobs.reindex"), lock.hold(root, what="jobs.reindex"):
+        built = build_index(store, root, kind="flat")
+        assert lock.read_record(root)["what"] == "jobs.reindex"  # still the caller's lock
+        extended = extend_index(root, remove=["item0"])
+        assert extended.published and current_version(root) == extended.version != built.version
+    assert not fs.exists(fs.join(root, "LOCK")) and not fs.exists(fs.join(work, "LOCK"))
+    assert load_index(root).count == 39
+
+
+SLOW_BUILD = """
+import sys
+from koclip.index import build_index
+
+def wait_before_publishing(folder):  # holding ROOT/LOCK, the version written, CURRENT not flipped yet
+    print("written", flush=True)
+    sys.stdin.readline()
+
+result = build_index(sys.argv[1], sys.argv[2], keep=1, before_publish=wait_before_publishing)
+print("published", result.version, flush=True)
+"""
+
+
+def test_two_builds_into_one_root_the_second_is_refused_while_the_first_runs(tmp_path, corpus):
+    root = str(tmp_path / "idx")
+    store = write_store(str(tmp_path / "emb"), corpus[:300])
+    previous = build_index(store, root, keep=1).version
+    first = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, store, root], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "written\n", first.stderr.read()
+        second = subprocess.run([sys.executable, "-m", "pipelines.index", "--embeddings", store, "--out", root,
+                                 "--keep", "1"], capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert second.stderr.count("\n") == 1 and second.stderr.startswith(
+            f"pipelines.index: error: {root} is locked by koclip.index.build_index on ")
+        assert f"(pid {first.pid})" in second.stderr
+        out, err = first.communicate("go\n", timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err
+    published = out.split()[-1]
+    assert published > previous and current_version(root) == published
+    assert list_versions(root) == [published]  # --keep 1: the previous version pruned, no other build's folder
+    index = load_index(root)
+    assert index.version == published and sorted(index.ids) == sorted(item_ids(0, 300))
+    assert not fs.exists(fs.join(root, "LOCK"))

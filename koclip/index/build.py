@@ -17,6 +17,13 @@ choose_index would pick another kind for the new size (or ivfpq's nlist would be
 index is rebuilt; from flat or hnsw with their stored vectors, from ivfpq only with `full_store=`
 (a store of every current item; the build then reads it, ignoring add/remove). A call that
 changes nothing publishes nothing (BuildResult.published is False).
+
+Both hold the index root's lock (ROOT/LOCK, koclip.lock) from before reading CURRENT or naming the
+version until the publish, and check it right before flipping CURRENT: a second build into the
+same root, on any machine, fails at once with LockHeld naming the first. The lock is re-entrant
+per thread, so a caller that already holds the root's lock (jobs.reindex:
+`with lock.hold(index_root, what="jobs.reindex"): build_index(store, index_root)`) is not asked
+for it again, and the record keeps naming that caller.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from koclip.index.plan import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARG
 from koclip.index.tuning import Tuning, build_and_tune, holdout_order, query_rows, train_rows, tune
 from koclip.index.versions import (ROWS_SCHEMA, current_version, make_meta, new_version, publish_written,
                                    removed_on_failure, write_version)
+from koclip.lock import Lock, hold
 from koclip.store import Store, open_store, vectors_to_numpy
 
 log = logging.getLogger("koclip.index")
@@ -170,34 +178,36 @@ def build_index(embeddings: str | os.PathLike | Store, out: str | os.PathLike, *
     started, out = time.perf_counter(), os.fspath(out)
     if keep < 1:
         raise IndexBuildError(f"keep must be at least 1, got {keep}")
-    store = _open(embeddings)
-    rows, counts = read_rows(store, column)
-    if not len(rows):
-        raise IndexBuildError(f"{store.root} holds no {column} vectors to index")
-    budget = parse_memory(max_memory)
-    trained_given, trained = trained is not None, read_index_file(trained) if trained is not None else None
-    plan = plan_of(trained, len(rows), budget) if trained is not None else choose_index(len(rows), store.dim,
-                                                                                         budget, kind)
-    log.info("indexing %d rows of %s as %s (%s)", plan.n, column, plan.factory, plan.reason)
-    version = new_version(out)
-    index, trained, tuning, order = _build_from_store(plan, store, column, counts, queries, seed, target_recall,
-                                                      trained)
-    rows = rows.take(pa.array(order))
-    meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=store.root, column=column, count=plan.n,
-                     dim=store.dim, fingerprint=store.fingerprint, model_config=store.config,
-                     target_recall=target_recall, max_memory=budget,
-                     kind_requested="ivfpq" if trained_given else kind,
-                     build_seconds=time.perf_counter() - started)
-    return write_and_publish(out, version, index, rows, meta, trained, keep, before_publish)
+    with hold(out, what="koclip.index.build_index") as root_lock:
+        store = _open(embeddings)
+        rows, counts = read_rows(store, column)
+        if not len(rows):
+            raise IndexBuildError(f"{store.root} holds no {column} vectors to index")
+        budget = parse_memory(max_memory)
+        trained_given, trained = trained is not None, read_index_file(trained) if trained is not None else None
+        plan = plan_of(trained, len(rows), budget) if trained is not None else choose_index(len(rows), store.dim,
+                                                                                             budget, kind)
+        log.info("indexing %d rows of %s as %s (%s)", plan.n, column, plan.factory, plan.reason)
+        version = new_version(out)
+        index, trained, tuning, order = _build_from_store(plan, store, column, counts, queries, seed, target_recall,
+                                                          trained)
+        rows = rows.take(pa.array(order))
+        meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=store.root, column=column, count=plan.n,
+                         dim=store.dim, fingerprint=store.fingerprint, model_config=store.config,
+                         target_recall=target_recall, max_memory=budget,
+                         kind_requested="ivfpq" if trained_given else kind,
+                         build_seconds=time.perf_counter() - started)
+        return write_and_publish(out, version, index, rows, meta, trained, keep, before_publish, root_lock)
 
 
 def write_and_publish(root: str, version: str, index: faiss.Index, rows: pa.Table, meta: dict,
-                      trained: faiss.Index | None, keep: int,
-                      before_publish: Callable[[str], None] | None) -> BuildResult:
-    """Write the version folder, run the hook, flip CURRENT; on any failure remove the folder."""
+                      trained: faiss.Index | None, keep: int, before_publish: Callable[[str], None] | None,
+                      lock: Lock | None = None) -> BuildResult:
+    """Write the version folder, run the hook, check `lock` (the root's), flip CURRENT; on any
+    failure remove the folder."""
     with removed_on_failure(root, version):
         write_version(root, version, index, rows, meta, trained)
-        deleted = publish_written(root, version, keep, before_publish)
+        deleted = publish_written(root, version, keep, before_publish, lock)
     return BuildResult(root, version, meta, True, deleted)
 
 
@@ -227,55 +237,56 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
     version (module docstring). kind, max_memory and target_recall default to the previous build's
     (kind: what it was asked for, "auto" or a forced kind)."""
     started, root = time.perf_counter(), os.fspath(root)
-    if current_version(root) is None:
-        raise IndexFolderError(f"{root} has no CURRENT version to extend; build one with build_index")
-    prev = load_index(root)
-    meta, column = prev.meta, prev.meta["column"]
-    budget = parse_memory(max_memory if max_memory is not None else meta["max_memory"])
-    target = target_recall if target_recall is not None else meta["target_recall"]
-    kind = kind if kind is not None else meta.get("kind_requested", "auto")
-    new_rows, new_vectors = _rows_and_vectors(add, column, prev.fingerprint, prev.dim)
-    gone = set(remove) | set(new_rows.column("item_id").to_pylist())
-    removed = np.isin(np.asarray(prev.rows.column("item_id").to_pylist(), dtype=object), list(gone))
-    if not removed.any() and not len(new_rows):
-        log.info("nothing to add or remove: %s stays at version %s", root, prev.version)
-        return BuildResult(root, prev.version, meta, published=False)
-    kept = int((~removed).sum())
-    rows = pa.concat_tables([prev.rows.filter(pa.array(~removed)), new_rows.cast(ROWS_SCHEMA)])
-    if not len(rows):
-        raise IndexBuildError(f"removing {int(removed.sum())} rows would leave {root} empty")
-    plan = choose_index(len(rows), prev.dim, budget, kind)
-    old_plan = plan_of(prev.faiss, prev.count, budget)
-    common = dict(column=column, count=len(rows), dim=prev.dim, fingerprint=prev.fingerprint,
-                  model_config=meta["model_config"], target_recall=target, max_memory=budget,
-                  kind_requested=kind, parent=prev.version)
-    version = new_version(root)
-    if _needs_rebuild(old_plan, plan) and old_plan.kind == "ivfpq":
-        if full_store is None:
-            raise IndexBuildError(f"{root} should be rebuilt as {plan.factory} for {len(rows)} rows, and an ivfpq "
-                                  "index cannot give its vectors back: pass full_store= (every current item)")
-        return build_index(full_store, root, column=column, kind=kind, max_memory=budget, target_recall=target,
-                           queries=queries, keep=keep, seed=seed, before_publish=before_publish)
-    index, trained = prev.faiss, None
-    if _needs_rebuild(old_plan, plan):  # from the vectors flat and hnsw keep, queries held out again
-        vectors = np.concatenate([index.reconstruct_n(0, prev.count)[~removed], new_vectors])
-        index, trained, tuning, order = build_and_tune(plan, vectors, query_rows(len(rows), queries, seed),
-                                                       target, seed)
-        rows = rows.take(pa.array(order))
-    elif plan.kind == "flat":
-        remove_rows(index, removed)
-        add_vectors(index, new_vectors, kept)
-        tuning = Tuning({}, 1.0, True, 0)  # exact search: nothing to tune or measure
-    else:  # ivfpq in place, with its trained quantizer
-        plan = plan_of(index, len(rows), budget)
-        index = in_memory(index)
-        remove_rows(index, removed)
-        add_vectors(index, new_vectors, kept)
-        trained = read_index_file(fs.join(prev.path, "trained.faiss"))
-        tuning = Tuning(meta["search_params"], meta["recall_at_10"], meta["target_reached"], meta["recall_queries"])
-        common["recall_version"] = meta["recall_version"]
-    log.info("extend %s: -%d +%d rows -> %d (%s)", prev.version, int(removed.sum()), len(new_rows), len(rows),
-             plan.factory)
-    meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=meta["store_root"],
-                     build_seconds=time.perf_counter() - started, **common)
-    return write_and_publish(root, version, index, rows, meta, trained, keep, before_publish)
+    with hold(root, what="koclip.index.extend_index") as root_lock:
+        if current_version(root) is None:
+            raise IndexFolderError(f"{root} has no CURRENT version to extend; build one with build_index")
+        prev = load_index(root)
+        meta, column = prev.meta, prev.meta["column"]
+        budget = parse_memory(max_memory if max_memory is not None else meta["max_memory"])
+        target = target_recall if target_recall is not None else meta["target_recall"]
+        kind = kind if kind is not None else meta.get("kind_requested", "auto")
+        new_rows, new_vectors = _rows_and_vectors(add, column, prev.fingerprint, prev.dim)
+        gone = set(remove) | set(new_rows.column("item_id").to_pylist())
+        removed = np.isin(np.asarray(prev.rows.column("item_id").to_pylist(), dtype=object), list(gone))
+        if not removed.any() and not len(new_rows):
+            log.info("nothing to add or remove: %s stays at version %s", root, prev.version)
+            return BuildResult(root, prev.version, meta, published=False)
+        kept = int((~removed).sum())
+        rows = pa.concat_tables([prev.rows.filter(pa.array(~removed)), new_rows.cast(ROWS_SCHEMA)])
+        if not len(rows):
+            raise IndexBuildError(f"removing {int(removed.sum())} rows would leave {root} empty")
+        plan = choose_index(len(rows), prev.dim, budget, kind)
+        old_plan = plan_of(prev.faiss, prev.count, budget)
+        common = dict(column=column, count=len(rows), dim=prev.dim, fingerprint=prev.fingerprint,
+                      model_config=meta["model_config"], target_recall=target, max_memory=budget,
+                      kind_requested=kind, parent=prev.version)
+        version = new_version(root)
+        if _needs_rebuild(old_plan, plan) and old_plan.kind == "ivfpq":
+            if full_store is None:
+                raise IndexBuildError(f"{root} should be rebuilt as {plan.factory} for {len(rows)} rows, and an ivfpq "
+                                      "index cannot give its vectors back: pass full_store= (every current item)")
+            return build_index(full_store, root, column=column, kind=kind, max_memory=budget, target_recall=target,
+                               queries=queries, keep=keep, seed=seed, before_publish=before_publish)
+        index, trained = prev.faiss, None
+        if _needs_rebuild(old_plan, plan):  # from the vectors flat and hnsw keep, queries held out again
+            vectors = np.concatenate([index.reconstruct_n(0, prev.count)[~removed], new_vectors])
+            index, trained, tuning, order = build_and_tune(plan, vectors, query_rows(len(rows), queries, seed),
+                                                           target, seed)
+            rows = rows.take(pa.array(order))
+        elif plan.kind == "flat":
+            remove_rows(index, removed)
+            add_vectors(index, new_vectors, kept)
+            tuning = Tuning({}, 1.0, True, 0)  # exact search: nothing to tune or measure
+        else:  # ivfpq in place, with its trained quantizer
+            plan = plan_of(index, len(rows), budget)
+            index = in_memory(index)
+            remove_rows(index, removed)
+            add_vectors(index, new_vectors, kept)
+            trained = read_index_file(fs.join(prev.path, "trained.faiss"))
+            tuning = Tuning(meta["search_params"], meta["recall_at_10"], meta["target_reached"], meta["recall_queries"])
+            common["recall_version"] = meta["recall_version"]
+        log.info("extend %s: -%d +%d rows -> %d (%s)", prev.version, int(removed.sum()), len(new_rows), len(rows),
+                 plan.factory)
+        meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=meta["store_root"],
+                         build_seconds=time.perf_counter() - started, **common)
+        return write_and_publish(root, version, index, rows, meta, trained, keep, before_publish, root_lock)

@@ -9,9 +9,12 @@ Layout of an index root (local or gs://):
                                               quantizer, PQ codebooks), reusable by a rebuild
                                rows.parquet   row number -> id, item_id, uri, captions
                                meta.json      written last in the folder; see make_meta()
+  ROOT/LOCK                    while a build runs: its lock (koclip.lock), held from reading CURRENT
+                               or naming the version to publishing
 Versions are named by UTC build-start time ("20250101-120000-123456"), so names sort in build
-order. After a publish the newest `keep` versions up to the published one stay and older ones are
-deleted; newer, unpublished ones are left alone (another build may still be writing them).
+order, and CURRENT never moves to an older name (publish refuses). After a publish the newest `keep`
+complete versions up to the published one stay and older ones are deleted; newer ones are left
+alone, and so are unfinished folders unless the publisher holds the lock.
 
 Reading a version back: koclip.index.load.
 """
@@ -33,6 +36,7 @@ from koclip import fs
 from koclip.errors import IndexBuildError, IndexFolderError, KoclipError
 from koclip.index.plan import HNSW_EF_CONSTRUCTION, HNSW_M, Plan
 from koclip.index.tuning import Tuning
+from koclip.lock import Lock
 
 log = logging.getLogger("koclip.index")
 
@@ -81,16 +85,29 @@ def current_version(root: str) -> str | None:
     return fallback
 
 
-def publish(root: str, version: str, keep: int = 3) -> list[str]:
-    """Point CURRENT at `version` (the last write), then delete versions older than the newest
-    `keep` up to it. Returns the deleted names."""
+def publish(root: str, version: str, keep: int = 3, *, remove_incomplete: bool = False) -> list[str]:
+    """Point CURRENT at `version` (the last write), then delete complete versions older than the
+    newest `keep` up to it. Returns the deleted names.
+
+    CURRENT never moves backwards: when it names a version that sorts after `version`, nothing is
+    changed and IndexBuildError says so. Folders without meta.json (a build still writing, or one
+    that was killed) are left alone, unless `remove_incomplete` (for a caller holding the root's
+    lock, koclip.lock: then no other build can be writing) removes those older than `version`.
+    """
     if keep < 1:
         raise IndexBuildError(f"keep must be at least 1, got {keep}")
     if not fs.exists(fs.join(root, "versions", version, "meta.json")):
         raise IndexFolderError(f"cannot publish {version}: {root}/versions/{version} has no meta.json")
+    published = current_version(root)
+    if published is not None and published > version:
+        raise IndexBuildError(f"a newer version {published} is already published in {root}; {version} is left "
+                              "unpublished")
     fs.write_bytes(fs.join(root, "CURRENT"), f"{version}\n".encode())
-    older = [v for v in list_versions(root) if v <= version]
-    doomed = [v for v in older[:-keep] if v != version]
+    older = [v for v in list_versions(root) if v < version]
+    complete = [v for v in older if _complete(root, v)]
+    doomed = complete[:max(0, len(complete) - (keep - 1))]
+    if remove_incomplete:
+        doomed = sorted(doomed + [v for v in older if v not in complete])
     for name in doomed:
         fs.remove_tree(fs.join(root, "versions", name))
     log.info("published %s in %s (deleted %d old versions)", version, root, len(doomed))
@@ -153,13 +170,16 @@ def removed_on_failure(root: str, version: str):
         raise
 
 
-def publish_written(root: str, version: str, keep: int,
-                    before_publish: Callable[[str], None] | None) -> tuple[str, ...]:
-    """versions/<version> is complete: run the before_publish hook on it, then flip CURRENT (keeping
-    `keep` versions). Returns the versions pruned."""
+def publish_written(root: str, version: str, keep: int, before_publish: Callable[[str], None] | None,
+                    lock: Lock | None = None) -> tuple[str, ...]:
+    """versions/<version> is complete: run the before_publish hook on it, check that `lock` (the
+    root's, koclip.lock) is still held, then flip CURRENT (keeping `keep` versions). Returns the
+    versions pruned."""
     if before_publish is not None:
         before_publish(fs.join(root, "versions", version))
-    return tuple(publish(root, version, keep))
+    if lock is not None:
+        lock.check()
+    return tuple(publish(root, version, keep, remove_incomplete=lock is not None))
 
 
 def discard(root: str, version: str) -> None:
