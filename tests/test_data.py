@@ -422,3 +422,14 @@ def test_korean_corpus_sources_read():
     assert len(corpus["kkma_morph"]) > 10_000
     with pytest.raises(UsageError, match="unknown corpus source"):
         korean_corpus(("nope",))
+
+
+def test_csv_errors_name_the_line_a_record_starts_on(tmp_path):
+    """A quoted caption may span lines and blank lines are skipped: the line is the file's."""
+    path = tmp_path / "manifest.csv"
+    path.write_text('id,image,captions,split\na,a.png,"두 줄\n캡션",train\n\n'
+                    'b,b.png,,train\nc,c.png,"x, y",val,extra\n', encoding="utf-8")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(str(path))
+    assert [e.split(": ", 1)[0] for e in info.value.errors] == [f"{path}:5", f"{path}:6"]
+    assert "no caption" in info.value.errors[0] and "5 fields, the header has 4" in info.value.errors[1]
