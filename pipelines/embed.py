@@ -6,9 +6,11 @@
 
 The driver lists the input and cuts it into work units (pipelines.listing), skips the units a
 previous run finished, writes each remaining unit's items to `_units/unit-N.jsonl` in the output
-folder, and runs one Beam pipeline over the rest. The pipeline itself carries only unit
-references, so the job graph stays the same size for ten items or ten million (Dataflow refuses
-job graphs over 10 MB):
+folder, and runs one Beam pipeline over the rest. Manifest rows that are not items (not JSON, no
+id, a repeated id, ...) are written by the driver to `_dead_letters/listing.jsonl` (rewritten by
+every run) and the run goes on; `--strict` refuses the run at the first such row instead. The
+pipeline itself carries only unit references, so the job graph stays the same size for ten items
+or ten million (Dataflow refuses job graphs over 10 MB):
 
   unit refs (reshuffled) -> items (read from _units/) -> DecodeItem -> RunInference(KoclipModelHandler) -> WriteUnits
                                   (decoded items or dead letters, which the model passes through)
@@ -16,7 +18,8 @@ job graphs over 10 MB):
 Decoding, inference and writing are one chain of ParDos, fused by every runner (no shuffle or
 flatten after the units are spread), so each
 unit is written as soon as its last item is embedded, and a killed job loses at most the
-units in flight. Every item ends as a row of a shard or a dead letter; the summary counts both.
+units in flight. Every listed row ends as a row of a shard or a dead letter; the summary counts
+both (rows = items + listing dead letters = embedded + dead letters).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -35,12 +39,12 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions,
 from koclip import fs
 from koclip.cli import run_cli
 from koclip.errors import KoclipError
-from pipelines.listing import (ListingDigest, Unit, input_root, iter_items, iter_units, read_unit_file,
+from pipelines.listing import (Listing, ListingDigest, Unit, input_root, iter_units, read_unit_file,
                                unit_file_bytes)
 from pipelines.options import EmbedOptions, parse
 from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
-from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits
+from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits, write_listing_dead_letters
 
 log = logging.getLogger("pipelines.embed")
 UNITS_DIR = "_units"
@@ -82,9 +86,12 @@ class EmbedResult:
         if self.job is not None:
             return f"dry run: the job for {len(self.job.proto_pipeline.components.transforms)} transforms was built, not submitted."
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(t["dead_letter_reasons"].items())) or "none"
+        listed = (f"{t['rows']} rows" if t["listing_dead_letters"] else f"{t['items']} items")
+        rejected = (f", {t['listing_dead_letters']} of them rows the listing rejected" if t["listing_dead_letters"]
+                    else "")
         latency = (f", batch latency mean {r['batch_latency_ms_mean']:.0f} ms / max {r['batch_latency_ms_max']} ms"
                    if r.get("batches") else "")
-        return (f"{t['embedded']} of {t['items']} items embedded, {t['dead_letters']} dead-lettered ({reasons}), "
+        return (f"{t['embedded']} of {listed} embedded, {t['dead_letters']} dead-lettered ({reasons}){rejected}, "
                 f"{t['captions']} captions embedded ({t['blank_captions']} blank ones dropped), in {self.units} units. "
                 f"This run: {self.units_embedded} units embedded, {self.units_skipped} skipped as already done, "
                 f"{r.get('items_read', 0)} items read, {r.get('batches', 0)} batches, "
@@ -150,7 +157,8 @@ def _refuse_if_changed(output: str, previous: dict | None, run_info: dict, keys:
 
 def plan(opts: EmbedOptions) -> Plan:
     """List the input into units, streaming: the driver holds unit references, never all items.
-    Each unit still to embed is written to _units/ as it is cut."""
+    Each unit still to embed is written to _units/ as it is cut; the rows the listing rejected go
+    to _dead_letters/listing.jsonl once it has been read whole (and the run is not refused)."""
     source, output, model = _defaults(opts)
     fingerprint, config, dim = _load_model_info(model, is_default=opts.model is None)
     run_info = {"input": source, "unit_size": opts.unit_size, "fingerprint": fingerprint,
@@ -159,8 +167,31 @@ def plan(opts: EmbedOptions) -> Plan:
     previous = None if opts.overwrite else _previous_run(output)
     _refuse_if_changed(output, previous, run_info, ("unit_size", "fingerprint", "embedding_dtype"))
     done = {} if opts.overwrite else _done_markers(output)
+    listing = Listing(source, refuse_bad_rows=opts.strict)
+    digest, units, pending = _cut_units(listing, output, opts.unit_size, done)
+    if not listing.complete:
+        log.warning("%s repeats ids: listing it again, each later row of an id a dead letter", source)
+        digest, units, pending = _cut_units(listing, output, opts.unit_size, done)
+    items = sum(u.size for u in units)
+    rejects = listing.rejects
+    run_info.update(listing=digest.hexdigest(), items=items, units=len(units), rows=items + len(rejects),
+                    listing_dead_letters=len(rejects),
+                    listing_dead_letter_reasons=dict(Counter(r.reason for r in rejects)))
+    # A different listing is only known once it is read: the unit files just written then hold
+    # the new listing's units, which is harmless (the previous run's rerun rewrites its own).
+    _refuse_if_changed(output, previous, run_info, ("listing",))
+    if opts.overwrite:
+        _clear(output)  # only once the listing has been read whole: a bad listing keeps the old results
+    write_listing_dead_letters(output, rejects)
+    fs.write_bytes(fs.join(output, RUN_FILE), json.dumps(run_info, ensure_ascii=False, indent=1).encode())
+    return Plan(source, output, model, fingerprint, config, dim, units, pending, run_info)
+
+
+def _cut_units(listing: Listing, output: str, unit_size: int, done: dict[int, dict]):
+    """One pass over the listing: (its digest, every unit's ref, the refs still to embed); the
+    pending units' files are written as they are cut, in batches."""
     digest, units, pending, to_write, buffered = ListingDigest(), [], [], [], 0
-    for unit in iter_units(iter_items(source), opts.unit_size):
+    for unit in iter_units(listing, unit_size):
         digest.update(unit.items)
         ref = UnitRef(unit.index, unit.key, len(unit.items))
         units.append(ref)
@@ -172,14 +203,7 @@ def plan(opts: EmbedOptions) -> Plan:
                 _write_unit_files(output, to_write)
                 to_write, buffered = [], 0
     _write_unit_files(output, to_write)
-    run_info.update(listing=digest.hexdigest(), items=sum(u.size for u in units), units=len(units))
-    # A different listing is only known once it is read: the unit files just written then hold
-    # the new listing's units, which is harmless (the previous run's rerun rewrites its own).
-    _refuse_if_changed(output, previous, run_info, ("listing",))
-    if opts.overwrite:
-        _clear(output)  # only once the listing has been read whole: a bad listing keeps the old results
-    fs.write_bytes(fs.join(output, RUN_FILE), json.dumps(run_info, ensure_ascii=False, indent=1).encode())
-    return Plan(source, output, model, fingerprint, config, dim, units, pending, run_info)
+    return digest, units, pending
 
 
 def _unit_file(output: str, index: int) -> str:
@@ -240,14 +264,17 @@ def _metrics(result) -> dict:
     return found
 
 
-def _totals(markers: list[dict]) -> dict:
-    reasons: dict[str, int] = {}
+def _totals(markers: list[dict], listing_reasons: dict[str, int]) -> dict:
+    """What the output holds: `rows` listed = `items` + `listing_dead_letters` = `embedded` +
+    `dead_letters` (which count the listing's)."""
+    reasons = Counter(listing_reasons)
     for m in markers:
-        for reason, n in m["dead_letter_reasons"].items():
-            reasons[reason] = reasons.get(reason, 0) + n
-    return {"items": sum(m["items"] for m in markers), "embedded": sum(m["embedded"] for m in markers),
-            "dead_letters": sum(m["dead_letters"] for m in markers), "captions": sum(m["captions"] for m in markers),
-            "blank_captions": sum(m.get("blank_captions", 0) for m in markers), "dead_letter_reasons": reasons}
+        reasons.update(m["dead_letter_reasons"])
+    items, rejected = sum(m["items"] for m in markers), sum(listing_reasons.values())
+    return {"rows": items + rejected, "items": items, "embedded": sum(m["embedded"] for m in markers),
+            "dead_letters": sum(m["dead_letters"] for m in markers) + rejected, "listing_dead_letters": rejected,
+            "captions": sum(m["captions"] for m in markers),
+            "blank_captions": sum(m.get("blank_captions", 0) for m in markers), "dead_letter_reasons": dict(reasons)}
 
 
 def run(argv: list[str] | None = None) -> EmbedResult:
@@ -268,7 +295,7 @@ def run(argv: list[str] | None = None) -> EmbedResult:
         build(pipeline, p, opts)
         result = pipeline.run()
         if options.view_as(TestOptions).dry_run:
-            return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), 0, _totals([]), {},
+            return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), 0, _totals([], {}), {},
                                time.perf_counter() - started, job=getattr(result, "job", None))
         result.wait_until_finish()
         this_run = _metrics(result)
@@ -277,8 +304,9 @@ def run(argv: list[str] | None = None) -> EmbedResult:
     if len(finished) != len(p.units):
         raise RuntimeError(f"{len(p.units) - len(finished)} units were not written; rerun to finish them")
     _remove_folders(p.output, UNITS_DIR)
-    return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), len(p.pending), _totals(finished),
-                       this_run, time.perf_counter() - started)
+    return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), len(p.pending),
+                       _totals(finished, p.run_info["listing_dead_letter_reasons"]), this_run,
+                       time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(result.summary())
         print(f"shards: {fs.join(result.output, 'shard-*.parquet')}")
         if result.totals["dead_letters"]:
-            print(f"dead letters: {fs.join(result.output, DEAD_LETTER_DIR)}/unit-*.jsonl")
+            print(f"dead letters: {fs.join(result.output, DEAD_LETTER_DIR)}/ (listing.jsonl: manifest rows that "
+                  "are not items; unit-*.jsonl: items that failed)")
 
     return run_cli("pipelines.embed", report)
 

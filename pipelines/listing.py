@@ -1,15 +1,21 @@
 """What the embedding pipeline reads: the input listing, split into deterministic work units.
 
 An input is either
-  - a manifest (JSONL, CSV or Parquet), read by koclip.data.manifest in its lenient mode;
+  - a manifest (JSONL, CSV or Parquet), read row by row by koclip.data.manifest's lenient rules;
   - a folder or a glob of images (`photos/`, `gs://bucket/imgs/**/*.jpg`), clip-retrieval's
     layout: `x.jpg` takes its caption from a sidecar `x.txt` when there is one.
 Local paths and any fsspec URL (gs://) behave alike.
 
-A structurally bad manifest (unreadable, not JSON, no id or image, a repeated id) is refused
-before anything runs: `ManifestError` (`ListingError` for a folder or glob), one line. Bad
-*content* (an empty caption, an image that does not exist or does not decode) is the pipeline's
-business: such items become dead letters.
+A manifest row that cannot be an item (not UTF-8, not JSON, not an object, no id or image, an
+id that is neither a string nor an integer, a repeated id: koclip.data.manifest lists the
+reasons) does not stop the listing: `Listing` collects it as a `ListingReject`, which the
+pipeline writes as a dead letter of stage "listing", and goes on. What cannot be listed at all
+is refused before anything runs, in one line: a missing or unreadable manifest, one in which no
+row is an item (`ManifestError`), a folder or glob without images (`ListingError`).
+`Listing(source, refuse_bad_rows=True)` (pipelines.embed --strict), `iter_items(source)` and
+`list_items(source)` keep the older rule: the first bad row or repeated id is a ManifestError.
+Bad *content* (an empty caption, an image that does not exist or does not decode) is the
+pipeline's business: such items become dead letters of the later stages.
 
 The listing, in its order (manifests) or sorted by path (globs), is cut into units of
 `unit_size` items. A unit's key is a hash of its items, so a rerun over the same listing
@@ -28,7 +34,8 @@ from dataclasses import dataclass, field
 
 from koclip import fs
 from koclip.data.manifest import MANIFEST_EXTENSIONS, Item, is_manifest, iter_manifest
-from koclip.errors import KoclipError
+from koclip.data.manifest_scan import ListingReject, ManifestScan
+from koclip.errors import KoclipError, ManifestError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -104,8 +111,56 @@ def iter_items(source: str) -> Iterator[Item]:
         raise ListingError(f"input manifest is empty: {source}")
 
 
-def list_items(source: str) -> list[Item]:
-    return list(iter_items(source))
+class Listing:
+    """An input's items, streamed, and the manifest rows that are not items (module docstring).
+
+    Iterate it for the items; once a pass has ended, `rejects` holds that pass's rejected rows and
+    `complete` says whether the pass stands. It is False only after a manifest pass that met a
+    repeated id it could not yet tell (koclip.data.manifest_scan.ManifestScan): iterating again
+    gives the corrected items, each later row of a repeated id then being a reject. `read()` does
+    that for a caller that wants a list."""
+
+    def __init__(self, source: str, refuse_bad_rows: bool = False):
+        self.source = source
+        self._scan = ManifestScan(source) if is_manifest(source) and not refuse_bad_rows else None
+
+    @property
+    def rejects(self) -> list[ListingReject]:
+        return [] if self._scan is None else self._scan.rejects
+
+    @property
+    def complete(self) -> bool:
+        return self._scan is None or self._scan.complete
+
+    def __iter__(self) -> Iterator[Item]:
+        if self._scan is None:
+            yield from iter_items(self.source)
+            return
+        empty = True
+        for item in self._scan:
+            empty = False
+            yield item
+        if empty and self.rejects:
+            first = self.rejects[0].message
+            raise ManifestError(f"no row of {self.source} is an item ({len(self.rejects)} rejected; first: {first})")
+        if empty:
+            raise ListingError(f"input manifest is empty: {self.source}")
+
+    def read(self) -> list[Item]:
+        items = list(self)
+        return items if self.complete else list(self)
+
+
+def list_items(source: str, rejects: list[ListingReject] | None = None) -> list[Item]:
+    """The input's items. Without `rejects`, the first bad manifest row or repeated id is a
+    ManifestError; with a list, each row that is not an item is appended to it, in file order,
+    and the listing goes on (`Listing`)."""
+    if rejects is None:
+        return list(iter_items(source))
+    listing = Listing(source)
+    items = listing.read()
+    rejects.extend(listing.rejects)
+    return items
 
 
 def _item_record(item: Item) -> bytes:

@@ -66,6 +66,10 @@ class EmbedOptions(PipelineOptions):
                                  "(default: ~/.cache/koclip/xla locally, none on remote runners; '' disables)")
         parser.add_argument("--overwrite", action="store_true",
                             help="delete this output's previous results and embed everything again")
+        parser.add_argument("--strict", action="store_true",
+                            help="refuse the run at the first manifest row that is not an item (not JSON, "
+                                 "no id or image, a repeated id, ...), instead of writing it to "
+                                 "_dead_letters/listing.jsonl and embedding the other rows")
 
 
 def _all_option_classes(cls=PipelineOptions):

@@ -133,18 +133,29 @@ def test_rerun_skips_finished_units_and_overwrite_redoes_them(corpus, corpus_run
     with pytest.raises(embed.PlanError, match="different unit_size"):
         embed.run(args[:-4] + ["--unit_size", "6", "--batch_size", "4"])
 
-    # --overwrite with a listing that turns out bad on its last row keeps the previous results.
+    # --strict --overwrite with a listing that turns out bad on its last row keeps the previous results.
     def results():
         return (sorted(f for f in os.listdir(output) if f.startswith("shard-")),
                 sorted(os.listdir(os.path.join(output, "_done"))), open(os.path.join(output, "_run.json")).read())
 
     before = results()
-    lines = open(manifest, encoding="utf-8").read().splitlines()
+    folder = os.path.dirname(manifest)
+    records = [json.loads(line) for line in open(manifest, encoding="utf-8")]
+    # absolute image paths: the same items as the corpus manifest's, from another folder
+    lines = [json.dumps({**r, "image": os.path.join(folder, r["image"])}, ensure_ascii=False) for r in records]
     bad = tmp_path / "repeats-an-id.jsonl"
     bad.write_text("\n".join(lines + [lines[0]]) + "\n", encoding="utf-8")
     with pytest.raises(ManifestError, match="duplicate id"):
-        embed.run(["--input", str(bad)] + args[2:] + ["--overwrite"])
+        embed.run(["--input", str(bad)] + args[2:] + ["--overwrite", "--strict"])
     assert results() == before
+
+    # Without --strict the repeat is a listing dead letter: the planner lists the manifest again
+    # without it, so the units are the original ones and stay done.
+    lenient = embed.run(["--input", str(bad)] + args[2:])
+    assert (lenient.units_embedded, lenient.units_skipped) == (0, lenient.units)
+    [repeat] = [d for d in read_dead_letters(output) if d["stage"] == "listing"]
+    assert (repeat["reason"], repeat["line"], repeat["id"]) == ("duplicate_id", len(lines) + 1, records[0]["id"])
+    assert lenient.totals["rows"] == lenient.totals["items"] + 1 == corpus_run[1].totals["items"] + 1
 
 
 def test_bfloat16_compute_and_float16_storage(corpus, tiny_ckpt_dir, corpus_run, tmp_path):

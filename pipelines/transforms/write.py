@@ -9,6 +9,9 @@ inference (no shuffle in between), so units are committed as the job goes, not a
 Output folder layout:
   shard-00003.parquet               embedded items of unit 3 (koclip.store schema)
   _dead_letters/unit-00003.jsonl    {"id", "uri", "stage", "reason", "message"} per line
+  _dead_letters/listing.jsonl       manifest rows that are not items (stage "listing"), the same
+                                    fields plus source, line (JSONL, CSV) or row (Parquet), text;
+                                    written whole by the driver while planning, before any unit
   _done/unit-00003.json             the unit's key and counts, written last
   _run.json                         the run: input, listing digest, unit size, model fingerprint
 """
@@ -22,11 +25,13 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from koclip import fs, store
+from koclip.data.manifest_scan import ListingReject
 from pipelines.transforms.decode import NAMESPACE, DeadLetter, UnitRef
 from pipelines.transforms.model_handler import Embedded
 
 DONE_DIR = "_done"
 DEAD_LETTER_DIR = "_dead_letters"
+LISTING_DEAD_LETTERS = "listing.jsonl"
 RUN_FILE = "_run.json"
 
 
@@ -42,11 +47,32 @@ def done_path(output: str, index: int) -> str:
     return fs.join(output, DONE_DIR, f"unit-{index:05d}.json")
 
 
+def listing_dead_letter_path(output: str) -> str:
+    return fs.join(output, DEAD_LETTER_DIR, LISTING_DEAD_LETTERS)
+
+
+def write_listing_dead_letters(output: str, rejects: list[ListingReject]) -> None:
+    """The listing's rejected rows (ListingReject) as one file, replacing the last run's; none: no file."""
+    path = listing_dead_letter_path(output)
+    if rejects:
+        fs.write_bytes(path, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects).encode())
+    else:
+        fs.remove(path)
+
+
+def _records(path: str) -> list[dict]:
+    # split on "\n" only: a record's text may hold U+2028 or \x1c, which splitlines() splits on
+    return [json.loads(line) for line in fs.read_bytes(path).decode().split("\n") if line]
+
+
 def read_dead_letters(output: str) -> list[dict]:
-    """Every dead-letter record of an output folder, unit by unit."""
-    records = []
+    """Every dead-letter record of an output folder: the listing's rejected rows, then unit by unit.
+    A listing record is a row, not an item: its `id` is null when the row has no usable id, and
+    for a `duplicate_id` it is the id of an item embedded from an earlier row."""
+    listing = listing_dead_letter_path(output)
+    records = _records(listing) if fs.exists(listing) else []
     for path in fs.glob(fs.join(output, DEAD_LETTER_DIR, "unit-*.jsonl")):
-        records += [json.loads(line) for line in fs.read_bytes(path).decode().splitlines() if line]
+        records += _records(path)
     return records
 
 
