@@ -3,6 +3,7 @@
   python -m bench.soak                       # 30 runs, local disk (writes bench/results/soak.json)
   python -m bench.soak --runs 10 --gcs       # on a GCS emulator started on 127.0.0.1
   python -m bench.soak --seed 7 --kill-rate 0.5
+  python -m bench.soak --concurrent 20 --gcs # overlapping runs instead (bench/results/soak-concurrent.json)
 
 Before each run the source (a folder of PNGs with .txt captions) is mutated at random: images
 added, recaptioned, replaced, deleted and renamed, and some made to fail their next read once
@@ -12,6 +13,11 @@ run is made in full. After each run the invariants are checked (jobs.reindex_che
 store, the index and the state hold exactly the current items, once each, with their current
 captions). At the end every injected fault has fired, so a last run must leave no dead letter:
 a transient failure may delay an item, never lose it. Target: 0 violations, 0 items lost.
+
+--concurrent N: N rounds of two jobs.reindex processes on one work dir and index, the second
+started a random 0-3 s after the first, over a source changed before each round. Either both
+finish one after the other, or one exits with the lock message (exit 2, naming the holder);
+nothing else is allowed, and the invariants are checked after each round.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from PIL import Image
 
 from bench.common import machine_info, print_table, write_json
 
+DEFAULT_OUT = "bench/results/soak.json"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILLED_RUN = """
 import os, signal, sys
@@ -158,6 +165,48 @@ def soak(args, root: str) -> dict:
                                      "final_retried": final.retried, "final_violations": final_violations}}
 
 
+def concurrent(args, root: str) -> dict:
+    from jobs.reindex_check import violations
+    from koclip import fs
+
+    rng = random.Random(args.seed)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    source_dir, work, index = fs.join(root, "source"), fs.join(root, "work"), fs.join(root, "index")
+    source = Source(source_dir, rng, tempfile.mkdtemp(prefix="koclip-faults-"))
+    for _ in range(6):
+        source.add()
+    command = [sys.executable, "-m", "jobs.reindex", *_argv(args, source_dir, work, index)]
+    rows, total = [], {"rounds": 0, "locked_out": 0, "both_ran": 0, "other_outcome": 0, "violations": 0}
+    for round_ in range(args.concurrent):
+        if round_:
+            source.add()
+            source.fs.write_bytes(source._path(rng.choice(source.names), "txt"), f"캡션 {round_}".encode())
+        offset = rng.uniform(0, 3)
+        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(offset)  # the random start offset under test, not a synchronisation
+        second = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        outcomes = [(p.wait(timeout=600), p.stderr.read()) for p in (first, second)]
+        codes = sorted(code for code, _ in outcomes)
+        locked = [err for code, err in outcomes if code == 2 and "is locked by jobs.reindex" in err]
+        if codes == [0, 2] and locked:
+            kind = "locked_out"
+        elif codes == [0, 0]:
+            kind = "both_ran"
+        else:
+            kind = "other_outcome"
+        found = violations(source_dir, work, index)
+        total["rounds"] += 1
+        total[kind] += 1
+        total["violations"] += len(found)
+        rows.append({"round": round_, "offset_seconds": round(offset, 2), "outcome": kind, "exit_codes": codes,
+                     "lock_message": locked[0].strip().splitlines()[-1] if locked else None, "violations": found,
+                     "stderr_tails": [err[-500:] for code, err in outcomes if code not in (0, 2)]})
+        print(f"round {round_:2d}: offset {offset:.2f} s, {kind}, exits {codes}, {len(found)} violations",
+              flush=True)
+    return {"rows": rows, "total": total}
+
+
 def _start_emulator() -> tuple[subprocess.Popen, str]:
     import socket
 
@@ -185,8 +234,10 @@ def main(argv=None) -> int:
     p.add_argument("--kill-rate", type=float, default=0.3, help="share of runs killed first (default 0.3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gcs", action="store_true", help="source, work dir and index on a GCS emulator")
+    p.add_argument("--concurrent", type=int, default=0, metavar="N",
+                   help="instead: N rounds of two overlapping runs (writes bench/results/soak-concurrent.json)")
     p.add_argument("--model", default=None, help="checkpoint (default: a tiny random one made here)")
-    p.add_argument("--out", default="bench/results/soak.json", help="JSON results path")
+    p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
     args = p.parse_args(argv)
     logging_quiet()
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,11 +249,20 @@ def main(argv=None) -> int:
         emulator, root = _start_emulator() if args.gcs else (None, os.path.join(tmp, "soak"))
         try:
             started = time.perf_counter()
-            result = soak(args, root)
+            result = concurrent(args, root) if args.concurrent else soak(args, root)
         finally:
             if emulator is not None:
                 emulator.terminate()
     total = result["total"]
+    if args.concurrent:
+        print_table(["rounds", "one locked out", "one after the other", "other outcomes", "violations", "seconds"],
+                    [[total["rounds"], total["locked_out"], total["both_ran"], total["other_outcome"],
+                      total["violations"], f"{time.perf_counter() - started:.0f}"]])
+        out = args.out if args.out != DEFAULT_OUT else "bench/results/soak-concurrent.json"
+        path = write_json(out, {"benchmark": "soak-concurrent", "machine": machine_info(),
+                                "storage": "gcs" if args.gcs else "local", "seed": args.seed, **result})
+        print(f"wrote {path}")
+        return 0 if total["violations"] == 0 and total["other_outcome"] == 0 else 1
     print_table(["runs", "kills", "retried", "violations", "items lost", "seconds"],
                 [[total["runs"], total["kills"], total["retried"], total["violations"], total["lost"],
                   f"{time.perf_counter() - started:.0f}"]])

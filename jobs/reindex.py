@@ -59,6 +59,7 @@ from pipelines.transforms.write import DEAD_LETTER_DIR, read_dead_letters
 log = logging.getLogger("jobs.reindex")
 
 RUNS_DIR = "runs"
+LISTING_DEAD_LETTERS = "listing_dead_letters.jsonl"
 
 
 class ReindexError(KoclipError):
@@ -123,6 +124,7 @@ class ReindexResult:
     deleted: int
     unchanged: int
     retried: int = 0  # dead letters tried again (transient, or --retry-dead-letters)
+    rejected_rows: int = 0  # manifest rows that are no item (WORK/listing_dead_letters.jsonl)
     embedded: int = 0
     dead_letters: int = 0
     published: str | None = None  # the index version published by this run, if any
@@ -133,6 +135,8 @@ class ReindexResult:
         head = f"{self.new} new, {self.changed} changed, {self.deleted} deleted, {self.unchanged} unchanged"
         if self.retried:
             head += f", {self.retried} dead letters retried"
+        if self.rejected_rows:
+            head += f", {self.rejected_rows} manifest rows rejected (see {LISTING_DEAD_LETTERS})"
         if self.published is None:
             return f"{head}: no change, nothing embedded, nothing published ({self.seconds:.1f} s)"
         return (f"{head}: embedded {self.embedded} ({self.dead_letters} dead-lettered), index version "
@@ -223,7 +227,9 @@ def _reindex(args, step) -> ReindexResult:
     if interrupted is not None:
         log.warning("finishing run %s, which was interrupted after it was committed", interrupted.run)
         finished = _apply(args, interrupted, step)
-    items = list_items(args.source)
+    rejects: list = []
+    items = list_items(args.source, rejects=rejects)
+    _write_rejects(work, rejects)
     sigs = signatures(items, content_hash=args.content_hash)
     fingerprint = load_checkpoint(args.model).fingerprint
     recorded = model_of_state(work)
@@ -235,7 +241,7 @@ def _reindex(args, step) -> ReindexResult:
     changes = Diff(new=list(items)) if full else diff(items, sigs, previous, args.max_attempts,
                                                       args.retry_dead_letters)
     result = ReindexResult(len(changes.new), len(changes.changed), len(changes.deleted), changes.unchanged,
-                           retried=len(changes.retry))
+                           retried=len(changes.retry), rejected_rows=len(rejects))
     if changes.empty and index_is_published(args.index):
         if finished is not None:
             result.published, result.live_rows = finished
@@ -293,6 +299,16 @@ def _apply(args, pending: Pending, step) -> tuple[str | None, int]:
     clear_pending(work)
     _drop_run_shards(work)
     return published, rows
+
+
+def _write_rejects(work: str, rejects: list) -> None:
+    """The source manifest's rows that are no item (koclip.data.manifest), as dead letters of this
+    run's listing: WORK/listing_dead_letters.jsonl, rewritten every run."""
+    path = fs.join(work, LISTING_DEAD_LETTERS)
+    if rejects:
+        fs.write_bytes(path, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects).encode())
+    else:
+        fs.remove(path)
 
 
 def _drop_run_shards(work: str) -> None:

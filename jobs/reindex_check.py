@@ -41,7 +41,7 @@ def violations(source: str, work: str, index_root: str, content_hash: bool = Fal
     from koclip.index import current_version, load_index
 
     found: list[str] = []
-    items = {i.id: i for i in list_items(source)}
+    items = {i.id: i for i in list_items(source, rejects=[])}
     sigs = signatures(list(items.values()), content_hash=content_hash)
     if load_pending(work) is not None:
         found.append("a committed run is not applied yet (WORK/pending/run.json)")

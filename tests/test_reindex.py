@@ -210,3 +210,27 @@ def test_a_read_that_times_out_once_is_retried_on_the_next_run(tmp_path, tiny_ck
     forced = reindex.reindex(_args(source, work, index, tiny_ckpt_dir, "--retry-dead-letters"))
     assert (forced.retried, forced.embedded, forced.dead_letters) == (2, 0, 2)  # img2's 3rd fault; broken
     assert reindex.load_state(work)["broken.png"]["attempts"] == 2
+
+
+def test_a_malformed_manifest_row_is_a_dead_letter_not_a_refusal(tmp_path, tiny_ckpt_dir):
+    import json
+
+    source, work, index = str(tmp_path / "m.jsonl"), str(tmp_path / "work"), str(tmp_path / "index")
+    images = tmp_path / "images"
+    rows = []
+    for i in range(3):
+        _put(str(images), f"img{i}", seed=i)
+        rows.append(json.dumps({"id": f"img{i}", "image": f"images/img{i}.png", "captions": [f"그림 {i}"]},
+                               ensure_ascii=False))
+    rows.insert(1, '{"id": "half a line')
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    result = reindex.reindex(_args(source, work, index, tiny_ckpt_dir))
+    assert (result.new, result.embedded, result.rejected_rows) == (3, 3, 1)
+    assert "1 manifest rows rejected" in result.summary()
+    rejected = [json.loads(line) for line in (tmp_path / "work" / reindex.LISTING_DEAD_LETTERS).read_text().splitlines()]
+    assert [(r["stage"], r["reason"], r["line"]) for r in rejected] == [("listing", "not_json", 2)]
+    assert _indexed_ids(index) == {"img0", "img1", "img2"}
+
+    (tmp_path / "m.jsonl").write_text("\n".join(rows[:1] + rows[2:]) + "\n")  # the bad line mended away
+    assert reindex.reindex(_args(source, work, index, tiny_ckpt_dir)).rejected_rows == 0
+    assert not (tmp_path / "work" / reindex.LISTING_DEAD_LETTERS).exists()
