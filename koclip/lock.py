@@ -8,13 +8,16 @@
 Acquiring creates FOLDER/LOCK only if nothing is there (koclip.fs.create_new: on gs:// GCS's
 ifGenerationMatch=0, locally a flock-guarded rename), so of many processes racing for it, on one
 machine or many, exactly one wins; the others get LockHeld, one line naming the holder. The file
-is JSON: holder {host, pid, token}, what, acquired, renewed, expires (UTC ISO times), ttl_seconds.
+is JSON: holder {host, pid, token, machine}, what, acquired, renewed, expires (UTC ISO times),
+ttl_seconds.
 
 It is a lease. While held, a daemon thread renews it every ttl/3: a replace guarded by the
 generation it last wrote, moving `expires` on. A process that dies stops renewing; once `expires`
 has passed, the next hold() breaks the lock (a delete guarded by the generation it read, so of two
 breakers only one succeeds, and a holder that renewed in between keeps its lock) and takes it,
-logging a warning that names the dead holder. A renewal that finds the lock gone or replaced marks
+logging a warning that names the dead holder. A holder known dead sooner is broken at once: one
+that ran on this machine (the same kernel boot and pid namespace, recorded as holder.machine) and
+whose pid is gone, so a rerun right after a crash or a kill does not wait for the expiry. A renewal that finds the lock gone or replaced marks
 it lost, and check() raises LockLost. check() is itself a renewal, so it proves the lock is still
 this holder's and gives the step after it a whole ttl. Release deletes the lock only if it is
 still at this holder's generation: a process never deletes another's lock.
@@ -75,6 +78,30 @@ def _decode(data: bytes) -> dict | None:
 
 def _expires(record: dict) -> datetime.datetime:
     return datetime.datetime.fromisoformat(record["expires"])
+
+
+def _this_machine() -> str | None:
+    """This kernel's boot and pid namespace: two holders that share it see each other's pids. None
+    where /proc does not say (then only expiry frees a lock)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _is_dead_here(holder: dict) -> bool:
+    """True only when the holder ran on this machine, in this pid namespace, and its pid is gone (or a
+    zombie). A reused pid looks alive: the lock then waits for its expiry, the safe side."""
+    if _this_machine() is None or holder.get("machine") != _this_machine() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        with open(f"/proc/{holder['pid']}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def held_message(folder: str, record: dict | None) -> str:
@@ -140,8 +167,12 @@ class Lock:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         with self._mutex:
-            if self.lost is None and not fs.delete_if(self.path, self.generation):
-                log.warning("%s was no longer this process's lock when released; left as it is", self.path)
+            try:
+                if self.lost is None and not fs.delete_if(self.path, self.generation):
+                    log.warning("%s was no longer this process's lock when released; left as it is", self.path)
+            except Exception as e:  # never hide the error the block may be raising; the lease runs out anyway
+                log.warning("could not release %s (%s: %s); it expires at %s", self.path, type(e).__name__, e,
+                            self.record["expires"])
             self.lost = self.lost or "released"
 
     def _renew_every(self) -> None:
@@ -161,7 +192,8 @@ def acquire(folder: str, what: str, ttl: float = DEFAULT_TTL, *, clock: Clock = 
     if ttl <= 0:
         raise ValueError(f"ttl must be positive, got {ttl}")
     path = fs.join(folder, LOCK_NAME)
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8)}
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": secrets.token_hex(8),
+              "machine": _this_machine()}
     for _ in range(5):
         now = clock()
         record = {"holder": holder, "what": what, "acquired": _iso(now), "renewed": _iso(now),
@@ -177,11 +209,15 @@ def acquire(folder: str, what: str, ttl: float = DEFAULT_TTL, *, clock: Clock = 
         if other is not None and other["holder"].get("token") == holder["token"]:
             # our own create, reported as refused after a retry in transit: it is ours
             return _renewing(Lock(folder, what, ttl, clock, generation, other))
-        if other is None or _expires(other) > clock():
+        if other is None:
+            raise LockHeld(held_message(folder, None))
+        expired = _expires(other) <= clock()
+        if not expired and not _is_dead_here(other["holder"]):
             raise LockHeld(held_message(folder, other))
         if fs.delete_if(path, generation):  # else another process broke it first, or its holder renewed
-            log.warning("broke the expired lock %s of %s on %s (pid %s), which expired at %s", path,
-                        other.get("what"), other["holder"]["host"], other["holder"]["pid"], other["expires"])
+            why = f"which expired at {other['expires']}" if expired else "a process of this machine that is gone"
+            log.warning("broke the lock %s of %s on %s (pid %s), %s", path, other.get("what"),
+                        other["holder"]["host"], other["holder"]["pid"], why)
     raise LockHeld(f"{path} changed hands 5 times while this process tried to take it; try again")
 
 

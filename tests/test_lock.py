@@ -33,9 +33,11 @@ def lock_path(folder: str) -> str:
     return fs.join(folder, lock.LOCK_NAME)
 
 
-def foreign_record(expires: datetime.datetime, host: str = "other-host", pid: int = 4242424) -> bytes:
+def foreign_record(expires: datetime.datetime, host: str = "other-host", pid: int = 4242424,
+                   machine: str | None = None) -> bytes:
     """A lock written by another process (its holder's token is not ours)."""
-    return json.dumps({"holder": {"host": host, "pid": pid, "token": "0123456789abcdef"}, "what": "jobs.reindex",
+    holder = {"host": host, "pid": pid, "token": "0123456789abcdef", "machine": machine}
+    return json.dumps({"holder": holder, "what": "jobs.reindex",
                        "acquired": (expires - datetime.timedelta(minutes=10)).isoformat(),
                        "renewed": (expires - datetime.timedelta(minutes=10)).isoformat(),
                        "expires": expires.isoformat(), "ttl_seconds": 600}).encode()
@@ -137,8 +139,40 @@ def test_an_expired_lock_is_broken_with_a_warning(root, caplog):
     fs.create_new(lock_path(root), foreign_record(now() - datetime.timedelta(seconds=1), host="gone-host"))
     with caplog.at_level(logging.WARNING, logger="koclip.lock"), lock.hold(root, what="test.break") as held:
         assert lock.read_record(root)["holder"]["pid"] == os.getpid() and held.what == "test.break"
-    assert "broke the expired lock" in caplog.text and "gone-host (pid 4242424)" in caplog.text
+    assert "broke the lock" in caplog.text and "gone-host (pid 4242424), which expired at" in caplog.text
     assert not fs.exists(lock_path(root))
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from koclip import lock
+
+    lock.acquire(sys.argv[1], what="doomed", ttl=600)
+    print("held", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_a_killed_holder_of_this_machine_is_broken_without_waiting_for_expiry(root, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, root], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(LockHeld, match=rf"locked by doomed on .* \(pid {holder.pid}\)"):  # alive: it waits
+            lock.acquire(root, what="test.alive")
+    finally:
+        holder.kill()
+        holder.wait()
+    with caplog.at_level(logging.WARNING, logger="koclip.lock"), lock.hold(root, what="test.after"):
+        assert lock.read_record(root)["holder"]["pid"] == os.getpid()
+    assert f"(pid {holder.pid}), a process of this machine that is gone" in caplog.text
+
+
+def test_a_dead_pid_of_another_machine_waits_for_the_expiry(root):
+    fs.create_new(lock_path(root), foreign_record(now() + datetime.timedelta(minutes=5), pid=4242424,
+                                                  machine="another-boot pid:[4026531836]"))
+    with pytest.raises(LockHeld, match=r"\(pid 4242424\)"):
+        lock.acquire(root, what="test.wait")
 
 
 def test_an_unexpired_foreign_lock_is_held(root):
