@@ -206,15 +206,11 @@ def reindex(args, on_step=None) -> ReindexResult:
     `on_step(name)` is called after each step of STEPS (the fault-injection tests kill the process
     there); an exception from it at "index_written" (the new version written, CURRENT not yet
     moved) leaves the old version served."""
+    from koclip import lock
+
     step = on_step or (lambda name: None)
-    with _locks(args):
+    with lock.hold(args.work, what="jobs.reindex"), lock.hold(args.index, what="jobs.reindex"):
         return _reindex(args, step)
-
-
-def _locks(args):
-    import contextlib  # TODO(lock): koclip.lock.hold on WORK and INDEX once it lands
-
-    return contextlib.nullcontext()
 
 
 def _reindex(args, step) -> ReindexResult:

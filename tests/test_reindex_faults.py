@@ -123,8 +123,21 @@ def local_cases(tmp_path_factory, tiny_ckpt_dir):
 
 
 @pytest.fixture(scope="module")
-def gcs_cases(gcs_emulator, tiny_ckpt_dir):
-    return _scenario(f"gs://koclip-test/faults-{time.monotonic_ns()}", tiny_ckpt_dir)
+def gcs_cases(gcs_emulator_with_preconditions, tiny_ckpt_dir):
+    """On the emulator that honours generation preconditions, as the locks need (tests/gcs_emulator.py)."""
+    import gcsfs
+
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = gcs_emulator_with_preconditions
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    try:
+        yield _scenario(f"gs://koclip-test/faults-{time.monotonic_ns()}", tiny_ckpt_dir)
+    finally:
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+        gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 @pytest.mark.parametrize("variant", ["unchanged", "changed"])
@@ -137,3 +150,45 @@ def test_local_reindex_recovers_from_a_kill(local_cases, step, variant, tiny_ckp
 @pytest.mark.parametrize("step", STEPS)
 def test_gcs_reindex_recovers_from_a_kill(gcs_cases, step, variant, tiny_ckpt_dir):
     _rerun_and_check(gcs_cases[step], variant, tiny_ckpt_dir)
+
+
+HELD_RUN = """
+import sys
+from jobs import reindex
+
+def on_step(name):
+    if name == "embedded":  # holding WORK/LOCK and INDEX/LOCK: tell the test, wait for its word
+        print("holding", flush=True)
+        sys.stdin.readline()
+
+print(reindex.reindex(reindex.parse_args(sys.argv[1:]), on_step=on_step).summary(), flush=True)
+"""
+
+
+def test_a_second_run_on_a_gcs_work_dir_exits_naming_the_first(gcs_lock_bucket, tiny_ckpt_dir):
+    """Two jobs.reindex processes on one gs:// work dir: while the first holds the locks (stopped
+    after embedding, on a pipe), the second exits 2 with one line naming the first's pid; then the
+    first finishes and the invariants hold."""
+    pool, case = fs.join(gcs_lock_bucket, "pool"), fs.join(gcs_lock_bucket, "case")
+    fs.write_many({fs.join(pool, f"p{i}.png"): _png(i) for i in range(5)})
+    _write_manifest(fs.join(case, "manifest.jsonl"), pool, BASE)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    first = subprocess.Popen([sys.executable, "-c", HELD_RUN, *_argv(case, tiny_ckpt_dir)], cwd=ROOT, env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "holding", first.stderr.read()[-3000:]
+        second = subprocess.run([sys.executable, "-m", "jobs.reindex", *_argv(case, tiny_ckpt_dir)], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith("jobs.reindex: error: ") and "is locked by jobs.reindex" in last
+        assert f"(pid {first.pid})" in last
+        first.stdin.write("go on\n")
+        first.stdin.flush()
+        out, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert "5 new" in out
+    assert violations(fs.join(case, "manifest.jsonl"), fs.join(case, "work"), fs.join(case, "index")) == []
+    assert not fs.exists(fs.join(case, "work", "LOCK")) and not fs.exists(fs.join(case, "index", "LOCK"))
