@@ -17,6 +17,18 @@ from koclip.errors import ConfigError
 TEXT_MODEL_TYPES = ("bert", "roberta")
 VISION_MODEL_TYPES = ("clip_vision_model", "vit")
 LOGIT_SCALE_MODES = ("learned", "fixed")
+TEXT_POSITION_IDS = ("model", "from_zero")
+IMAGE_RESIZE_MODES = ("shortest_edge", "square")
+IMAGE_RESAMPLES = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+
+# Fields our own config.json always carried, and FlaxHybridCLIP's never did: a config without
+# text_position_ids but with one of these was written by koclip before that field existed.
+_KOCLIP_FIELDS = ("logit_scale_mode", "text_length_buckets", "max_text_length", "fixed_logit_scale")
+
+# Fields added after checkpoints and stores were fingerprinted. At these values they change
+# nothing, so they are left out of the fingerprint and existing stores keep theirs.
+FINGERPRINT_NEUTRAL = {"text_position_ids": "model", "image_resize_mode": "shortest_edge",
+                       "image_resample": "bicubic"}
 
 # CLIP's normalisation constants (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -139,7 +151,17 @@ class HybridCLIPConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     # Images are resized so their shortest side is `image_resize`, then center-cropped to the
     # vision tower's image_size (CLIPImageProcessor's recipe); None means image_size.
+    # image_resize_mode "square" instead resizes straight to image_size x image_size, no crop
+    # (ViTImageProcessor's recipe). image_resample is the PIL filter of the resize.
     image_resize: int | None = None
+    image_resize_mode: str = "shortest_edge"
+    image_resample: str = "bicubic"
+    # How the text tower numbers token positions. "model": the text model's own, as transformers'
+    # BertModel / RobertaModel (BERT from 0, RoBERTa from pad_token_id + 1). "from_zero": 0..L-1
+    # whatever the model, as FlaxHybridCLIP passed them, so KoCLIP's RoBERTa towers were trained
+    # that way. The two differ only for RoBERTa. A config.json without this field: "from_zero"
+    # when it is a FlaxHybridCLIP one, "model" when koclip wrote it (what koclip always did).
+    text_position_ids: str = "model"
     max_text_length: int = 64
     # Texts are padded to the smallest bucket that fits the longest text of a batch, so jitted
     # functions see at most len(text_length_buckets) text shapes.
@@ -154,9 +176,14 @@ class HybridCLIPConfig:
             raise ConfigError(
                 f"logit_scale_mode {self.logit_scale_mode!r} is not one of {LOGIT_SCALE_MODES}"
             )
+        for name, allowed in (("text_position_ids", TEXT_POSITION_IDS), ("image_resize_mode", IMAGE_RESIZE_MODES),
+                              ("image_resample", IMAGE_RESAMPLES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {allowed}")
         self.image_mean = tuple(float(x) for x in self.image_mean)
         self.image_std = tuple(float(x) for x in self.image_std)
-        limit = self.text_config.max_text_length
+        limit = (self.text_config.max_position_embeddings if self.text_position_ids == "from_zero"
+                 else self.text_config.max_text_length)
         self.max_text_length = min(int(self.max_text_length), limit)
         buckets = sorted({min(int(b), self.max_text_length) for b in self.text_length_buckets})
         if not buckets or buckets[-1] != self.max_text_length:
@@ -184,11 +211,22 @@ class HybridCLIPConfig:
         for key in ("image_mean", "image_std", "text_length_buckets"):
             if key in rest:
                 rest[key] = tuple(rest[key])
+        if "text_position_ids" not in rest:
+            written_by_koclip = any(key in d for key in _KOCLIP_FIELDS)
+            rest["text_position_ids"] = "model" if written_by_koclip else "from_zero"
         return cls(text_config=TextConfig.from_dict(text), vision_config=VisionConfig.from_dict(vision), **rest)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model_type"] = "hybrid-clip"
+        return d
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """to_dict() without the FINGERPRINT_NEUTRAL fields that hold their neutral value."""
+        d = self.to_dict()
+        for key, neutral in FINGERPRINT_NEUTRAL.items():
+            if d.get(key) == neutral:
+                del d[key]
         return d
 
     @classmethod

@@ -14,7 +14,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import hf_models
 from koclip import checkpoint
 from koclip.checkpoint import CheckpointError
-from koclip.config import HybridCLIPConfig, tiny_config
+from koclip.config import FINGERPRINT_NEUTRAL, HybridCLIPConfig, tiny_config
+from koclip.errors import ConfigError
 from koclip.modeling import KoCLIP
 
 # A copy of shared/fixtures/flax_param_trees.json: names and shapes of transformers 4.x's Flax
@@ -189,8 +190,33 @@ def test_published_config_reads_both_spellings():
     a = HybridCLIPConfig.from_dict({"text_config": text, "vision_config": vision, "projection_dim": 512})
     b = HybridCLIPConfig.from_dict({"text_config_dict": text, "vision_config_dict": vision, "projection_dim": 512})
     assert a == b
-    assert a.text_config.pad_token_id == 1 and a.max_text_length == 38
+    # FlaxHybridCLIP numbered positions 0..L-1, so all 40 position embeddings are usable.
+    assert a.text_config.pad_token_id == 1 and a.text_position_ids == "from_zero" and a.max_text_length == 40
     assert HybridCLIPConfig.from_json(a.to_json()) == a
+
+
+def test_config_without_position_field_keeps_its_origins_convention():
+    """A FlaxHybridCLIP config.json means 0..L-1; one koclip wrote before the field existed, the
+    model's own (what koclip always did); the field, once written, wins."""
+    ours = json.loads(tiny_config(text="roberta").to_json())
+    assert ours.pop("text_position_ids") == "model"
+    legacy = HybridCLIPConfig.from_dict(ours)
+    assert legacy.text_position_ids == "model" and legacy.max_text_length == 32
+    published = {k: ours[k] for k in ("model_type", "text_config", "vision_config", "projection_dim")}
+    assert HybridCLIPConfig.from_dict(published).text_position_ids == "from_zero"
+    assert HybridCLIPConfig.from_dict({**published, "text_position_ids": "model"}).text_position_ids == "model"
+    with pytest.raises(ConfigError, match="text_position_ids 'zero' is not one of"):
+        HybridCLIPConfig.from_dict({**published, "text_position_ids": "zero"})
+
+
+def test_fingerprint_changes_with_the_position_convention_only():
+    config = tiny_config(text="roberta")
+    params = jax.device_get(KoCLIP(config).init(0))
+    before = checkpoint.fingerprint(config, params)
+    # Fields at their neutral value leave the fingerprint as it was before they existed.
+    assert config.fingerprint_dict() == {k: v for k, v in config.to_dict().items() if k not in FINGERPRINT_NEUTRAL}
+    config.text_position_ids = "from_zero"
+    assert checkpoint.fingerprint(config, params) != before
 
 
 @pytest.mark.parametrize("name, poison, reason", [

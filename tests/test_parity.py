@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -88,3 +90,62 @@ def test_real_minilm_weights_match_transformers():
     q = mean(q_hidden, query["attention_mask"])[0]
     cos = s @ q / np.linalg.norm(s, axis=1) / np.linalg.norm(q)
     assert int(np.argmax(cos)) == 0
+
+
+def hybrid_around_text_tower(path, text_arch: str, text_params: dict, text_config: dict, seed: int = 0) -> dict:
+    """A FlaxHybridCLIP-layout folder (its config.json has none of koclip's fields) holding the
+    given text tower, a random tiny ViT and random projections; returns its flat parameters."""
+    from flax import serialization
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from koclip.config import tiny_config
+    from koclip.modeling import KoCLIP
+
+    vision = tiny_config(vision="vit").vision_config
+    config = {"model_type": "hybrid-clip", "projection_dim": 16,
+              "text_config": {**text_config, "model_type": text_arch},
+              "vision_config": {"model_type": "vit", **{k: getattr(vision, k) for k in (
+                  "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "image_size", "patch_size")}}}
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config))
+    loaded_config = checkpoint.load_config(str(path))
+    params = flatten_dict(jax.device_get(KoCLIP(loaded_config).init(seed)))
+    params.update({("text_model",) + k: v for k, v in flatten_dict(text_params).items()})
+    (path / "flax_model.msgpack").write_bytes(serialization.to_bytes(unflatten_dict(params)))
+    return params
+
+
+def test_flax_hybrid_roberta_numbers_positions_from_zero(tmp_path):
+    """FlaxHybridCLIP passed position_ids = arange(L) to RoBERTa: a checkpoint of that layout
+    reproduces RobertaModel called so; saved as ours with the model's own convention, the same
+    weights reproduce RobertaModel's own numbering (from pad_token_id + 1)."""
+    torch_model, path = hf_models.roberta(tmp_path / "roberta")
+    text_config, text_params = checkpoint.import_text_encoder(path)
+    raw_text_config = json.loads((tmp_path / "roberta" / "config.json").read_text())
+    params = hybrid_around_text_tower(tmp_path / "hybrid", "roberta", text_params, raw_text_config)
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "hybrid"))
+    assert ckpt.config.text_position_ids == "from_zero"
+
+    ids, mask = text_batch(text_config.pad_token_id)
+    kernel = torch.tensor(np.asarray(params[("text_projection", "kernel")]))
+    with torch.no_grad():
+        from_zero = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                position_ids=torch.arange(ids.shape[1])[None].expand(ids.shape)).pooler_output
+        own = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).pooler_output
+    model = ckpt.model()
+    ours = model.module.apply({"params": ckpt.params}, jnp.asarray(ids), jnp.asarray(mask),
+                              method=type(model.module).text_features)
+    assert max_diff(ours, from_zero @ kernel) <= 1e-5
+    normalized = torch.nn.functional.normalize(from_zero @ kernel, dim=-1)
+    assert max_diff(jax.jit(model.encode_text)(ckpt.params, ids, mask), normalized) <= 1e-5
+    assert max_diff(ours, own @ kernel) > 1e-3  # the two conventions really differ here
+
+    ckpt.config.text_position_ids = "model"
+    checkpoint.save_checkpoint(str(tmp_path / "ours"), ckpt.config, ckpt.params)
+    native = checkpoint.load_checkpoint(str(tmp_path / "ours"))
+    assert native.config.text_position_ids == "model"
+    model = native.model()
+    ours = model.module.apply({"params": native.params}, jnp.asarray(ids), jnp.asarray(mask),
+                              method=type(model.module).text_features)
+    assert max_diff(ours, own @ kernel) <= 1e-5

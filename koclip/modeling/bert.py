@@ -2,7 +2,9 @@
 
 Parameter names follow transformers' (4.x) FlaxBertModel / FlaxRobertaModel, which is what the
 published FlaxHybridCLIP checkpoints hold under `text_model/`. The two models differ only in
-how positions are numbered: RoBERTa counts non-padding tokens from pad_token_id + 1.
+how positions are numbered: RoBERTa counts non-padding tokens from pad_token_id + 1. With
+`positions="from_zero"` both number 0..L-1, as FlaxHybridCLIP called them (see
+HybridCLIPConfig.text_position_ids).
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from koclip.modeling.layers import activation, dense, dot_product_attention, lay
 class BertEmbeddings(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
+    positions: str = "model"  # or "from_zero"
 
     @nn.compact
     def __call__(self, input_ids, deterministic: bool = True):
         cfg = self.config
-        if cfg.model_type == "roberta":
+        if cfg.model_type == "roberta" and self.positions == "model":
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
             positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
         else:
@@ -128,9 +131,10 @@ class BertModel(nn.Module):
 
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
+    positions: str = "model"  # or "from_zero", see BertEmbeddings
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, deterministic: bool = True):
-        x = BertEmbeddings(self.config, self.dtype, name="embeddings")(input_ids, deterministic)
+        x = BertEmbeddings(self.config, self.dtype, self.positions, name="embeddings")(input_ids, deterministic)
         x = BertEncoder(self.config, self.dtype, name="encoder")(x, padding_bias(attention_mask), deterministic)
         return x, BertPooler(self.config, self.dtype, name="pooler")(x)

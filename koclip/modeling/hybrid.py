@@ -32,7 +32,7 @@ class HybridCLIP(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.text_model = BertModel(cfg.text_config, self.dtype)
+        self.text_model = BertModel(cfg.text_config, self.dtype, cfg.text_position_ids)
         self.vision_model = vision_model_class(cfg.vision_config)(cfg.vision_config, self.dtype)
         init = nn.initializers.normal(0.02)
         self.text_projection = dense(cfg.projection_dim, self.dtype, None, use_bias=False, kernel_init=init)
