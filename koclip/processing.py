@@ -142,19 +142,29 @@ def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def preprocess_image(image: Image.Image | np.ndarray, size: int, mean: Sequence[float], std: Sequence[float],
-                     resize_shortest_edge: int | None = None) -> np.ndarray:
-    """Resize the shortest side, center-crop to size x size, rescale and normalise: float32 [size, size, 3]."""
+                     resize_shortest_edge: int | None = None, resize_mode: str = "shortest_edge",
+                     resample: str = "bicubic") -> np.ndarray:
+    """Resize, rescale and normalise: float32 [size, size, 3].
+
+    resize_mode "shortest_edge" (CLIPImageProcessor): the shortest side to resize_shortest_edge
+    (default size), then a centre crop to size x size. "square" (ViTImageProcessor): straight to
+    size x size. `resample` names the PIL filter.
+    """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     image = _to_rgb(image)
-    width, height = image.size
-    target = resize_shortest_edge or size
-    short, long = (width, height) if width <= height else (height, width)
-    # Truncation, not rounding, as transformers' get_resize_output_image_size.
-    new_long = int(target * long / short)
-    new_size = (target, new_long) if width <= height else (new_long, target)
-    pixels = np.asarray(image.resize(new_size, resample=Image.Resampling.BICUBIC))
-    pixels = _center_crop(pixels, size, size)
+    filter_ = Image.Resampling[resample.upper()]
+    if resize_mode == "square":
+        pixels = np.asarray(image.resize((size, size), resample=filter_))
+    else:
+        width, height = image.size
+        target = resize_shortest_edge or size
+        short, long = (width, height) if width <= height else (height, width)
+        # Truncation, not rounding, as transformers' get_resize_output_image_size.
+        new_long = int(target * long / short)
+        new_size = (target, new_long) if width <= height else (new_long, target)
+        pixels = np.asarray(image.resize(new_size, resample=filter_))
+        pixels = _center_crop(pixels, size, size)
     # transformers rescales in float64 and rounds to float32 before normalising in float32.
     scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
     return (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
@@ -164,21 +174,29 @@ class ImagePreprocessor:
     """open_image + preprocess_image with a model's image settings."""
 
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float],
-                 resize_shortest_edge: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 resize_shortest_edge: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 resize_mode: str = "shortest_edge", resample: str = "bicubic"):
         self.size = size
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.resize_shortest_edge = resize_shortest_edge
         self.max_pixels = max_pixels
+        self.resize_mode = resize_mode
+        self.resample = resample
 
     @classmethod
     def from_config(cls, config, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "ImagePreprocessor":
         return cls(config.image_size, config.image_mean, config.image_std,
-                   resize_shortest_edge=config.resize_shortest_edge, max_pixels=max_pixels)
+                   resize_shortest_edge=config.resize_shortest_edge, max_pixels=max_pixels,
+                   resize_mode=config.image_resize_mode, resample=config.image_resample)
+
+    def preprocess(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """preprocess_image on an opened image, with these settings."""
+        return preprocess_image(image, self.size, self.mean, self.std, self.resize_shortest_edge,
+                                self.resize_mode, self.resample)
 
     def __call__(self, source: Any) -> np.ndarray:
-        image = open_image(source, max_pixels=self.max_pixels)
-        return preprocess_image(image, self.size, self.mean, self.std, self.resize_shortest_edge)
+        return self.preprocess(open_image(source, max_pixels=self.max_pixels))
 
     def batch(self, sources: Iterable[Any]) -> np.ndarray:
         arrays = [self(source) for source in sources]

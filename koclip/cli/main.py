@@ -2,6 +2,8 @@
 
   koclip init OUT --tiny tiny-bert-clip            a tiny random model with a small vocabulary
   koclip init OUT --text DIR --vision DIR          a hybrid from two transformers checkpoints
+  koclip convert SRC DST                            any loadable folder (FlaxHybridCLIP, transformers'
+                                                    VisionTextDualEncoderModel) -> our format
   koclip info DIR                                   config, parameter counts, fingerprint
   koclip embed-text DIR "빨간 사과" "강아지 얼굴"      embeddings, and similarities between texts
   koclip embed-image DIR a.jpg b.png [--text ...]   embeddings, or image-text probabilities
@@ -61,6 +63,7 @@ def cmd_info(args) -> None:
         ("logit scale", f"fixed {cfg.fixed_logit_scale}" if cfg.logit_scale_mode == "fixed"
          else f"learned, exp({float(ckpt.params['logit_scale']):.4f})"),
         ("text lengths", f"max {cfg.max_text_length}, buckets {list(cfg.text_length_buckets)}"),
+        ("text positions", TEXT_POSITIONS_SHOWN[cfg.text_position_ids]),
         ("parameters", f"{count_params(ckpt.params):,} (text {count_params(ckpt.params['text_model']):,}, "
                        f"vision {count_params(ckpt.params['vision_model']):,})"),
         ("fingerprint", ckpt.fingerprint),
@@ -68,6 +71,20 @@ def cmd_info(args) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+TEXT_POSITIONS_SHOWN = {
+    "model": "model (the text model's own: RoBERTa from pad_token_id + 1, BERT from 0)",
+    "from_zero": "from_zero (0..L-1, as FlaxHybridCLIP called the text model)",
+}
+
+
+def cmd_convert(args) -> None:
+    from koclip import checkpoint
+
+    ckpt = checkpoint.load_checkpoint(args.src)
+    checkpoint.save_checkpoint(args.dst, ckpt.config, ckpt.params, tokenizer_dir=args.src)
+    print(f"wrote {args.dst} (fingerprint {ckpt.fingerprint})")
 
 
 def _model(args):
@@ -151,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-scale", choices=["learned", "fixed"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_init)
+
+    p = sub.add_parser("convert", help="write any loadable checkpoint folder in our format")
+    p.add_argument("src", help="a koclip, FlaxHybridCLIP or transformers VisionTextDualEncoderModel folder")
+    p.add_argument("dst", help="output directory (local or gs://)")
+    p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("info", help="print config, parameter counts and fingerprint")
     p.add_argument("dir")
