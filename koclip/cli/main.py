@@ -178,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(run=cmd_info)
 
+    def cmd_export(args) -> None:
+        from koclip.export import export_transformers
+
+        export_transformers(args.ckpt, args.dst, overwrite=args.overwrite)
+        print(f"wrote {args.dst} (transformers VisionTextDualEncoderModel: AutoModel/AutoProcessor.from_pretrained)")
+
+    p = sub.add_parser("export", help="write a transformers VisionTextDualEncoderModel folder")
+    p.add_argument("ckpt", help="checkpoint directory")
+    p.add_argument("dst", help="output folder for transformers' AutoModel/AutoProcessor.from_pretrained")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in DST")
+    p.set_defaults(run=cmd_export)
+
     for name, fn, what in (("embed-text", cmd_embed_text, "texts"), ("embed-image", cmd_embed_image, "images")):
         p = sub.add_parser(name, help=f"embed {what} and print embeddings or similarities")
         p.add_argument("dir", help="checkpoint directory")
