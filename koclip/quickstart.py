@@ -66,6 +66,26 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+# (config, dtype) -> jitted (text features, image features): a model loaded again in the same
+# process (each load_koclip call, a test after another) reuses what was compiled.
+_JITTED: dict[tuple[str, str], tuple] = {}
+
+
+def _jitted_features(model) -> tuple:
+    import jax
+
+    from koclip.modeling import HybridCLIP
+
+    key = (model.config.to_json(), model.dtype)
+    if key not in _JITTED:
+        module = model.module
+        _JITTED[key] = (
+            jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask, method=HybridCLIP.text_features)),
+            jax.jit(lambda p, pixels: module.apply({"params": p}, pixels, method=HybridCLIP.image_features)),
+        )
+    return _JITTED[key]
+
+
 class KoCLIPProcessor:
     """Texts -> input_ids and attention_mask; images (PIL images, HWC uint8 arrays, bytes or paths) ->
     pixel_values NCHW float32, preprocessed as koclip.processing does for this checkpoint."""
@@ -105,18 +125,11 @@ class KoCLIPModel:
     """A checkpoint's towers as transformers' CLIP-style methods, returning numpy arrays."""
 
     def __init__(self, ckpt, dtype: str = "float32"):
-        import jax
-
-        from koclip.modeling import HybridCLIP
-
         self.checkpoint = ckpt
         self.config = ckpt.config
         self.model = ckpt.model(dtype)  # koclip.modeling.KoCLIP
         self.params = self.model.cast_params(ckpt.params)
-        module = self.model.module
-        self._text = jax.jit(lambda p, ids, mask: module.apply(
-            {"params": p}, ids, mask, method=HybridCLIP.text_features))
-        self._image = jax.jit(lambda p, pixels: module.apply({"params": p}, pixels, method=HybridCLIP.image_features))
+        self._text, self._image = _jitted_features(self.model)
         self.logit_scale = float(self.model.logit_scale(ckpt.params))
 
     @property

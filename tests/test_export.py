@@ -26,8 +26,11 @@ TOLERANCE = 1e-5
 # (preset, config changes, the text model transformers should build)
 CASES = {
     "bert-clip": ("tiny-bert-clip", {}, "BertModel"),
-    "roberta-clip": ("tiny-roberta-clip", {}, "RobertaModel"),
-    "bert-vit-fixed-scale": ("tiny-bert-vit", {"logit_scale_mode": "fixed"}, "BertModel"),
+    "roberta-clip-resize-40": ("tiny-roberta-clip", {"image_resize": 40}, "RobertaModel"),
+    # ViTImageProcessor's recipe (a square resize, no crop), another filter, mean and std.
+    "bert-vit-square-fixed-scale": ("tiny-bert-vit", {
+        "logit_scale_mode": "fixed", "image_resize_mode": "square", "image_resample": "bilinear",
+        "image_mean": (0.4, 0.5, 0.6), "image_std": (0.2, 0.25, 0.3)}, "BertModel"),
     # FlaxHybridCLIP's positions 0..L-1: the same network as a BERT.
     "roberta-vit-from-zero": ("tiny-roberta-vit", {"text_position_ids": "from_zero"}, "BertModel"),
 }
@@ -132,6 +135,8 @@ def test_features_and_logits_match_ours(exported):
 def test_exported_processor_gives_our_pixels_and_ids(exported):
     processor = transformers.AutoProcessor.from_pretrained(exported["dst"])
     assert type(processor).__name__ == "VisionTextDualEncoderProcessor"
+    square = exported["model"].config.image_resize_mode == "square"
+    assert type(processor.image_processor).__name__.startswith("ViTImageProcessor" if square else "CLIPImageProcessor")
     images = [photo(), photo().rotate(90, expand=True)]
     theirs = processor(text=TEXTS, images=images, return_tensors="np", padding=True)
     ours = exported["inputs"]
