@@ -14,11 +14,11 @@ from PIL import Image, ImageDraw
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from koclip.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from koclip.cli.main import main  # noqa: E402
-from koclip.errors import ConfigError  # noqa: E402
-from koclip.export import export_transformers  # noqa: E402
-from koclip.quickstart import load_koclip  # noqa: E402
+from koclip.checkpoint import load_checkpoint, save_checkpoint
+from koclip.cli.main import main
+from koclip.errors import ConfigError
+from koclip.export import export_transformers
+from koclip.quickstart import load_koclip
 
 TEXTS = ["강아지", "소파 위에 고양이 한 마리", "빨간 사과와 초록 사과", "자동차"]
 TOLERANCE = 1e-5
@@ -84,8 +84,8 @@ def export_case(tmp_path_factory, tiny_ckpt_dir):
             model, processor = load_koclip(ckpt_dir)
             inputs = processor(text=TEXTS, images=[photo(), photo().rotate(90, expand=True)],
                                return_tensors="np", padding=True)
-            built[name] = dict(dst=dst, ckpt_dir=ckpt_dir, hf=hf_model.eval(), info=info, text_class=text_class,
-                               model=model, processor=processor, inputs=inputs)
+            built[name] = {"dst": dst, "ckpt_dir": ckpt_dir, "hf": hf_model.eval(), "info": info,
+                           "text_class": text_class, "model": model, "processor": processor, "inputs": inputs}
         return built[name]
 
     return build
@@ -151,7 +151,8 @@ def test_roberta_from_zero_is_robertas_network_with_positions_0_to_L_minus_1(exp
     position_ids = arange(L). Its own numbering (from pad_token_id + 1) embeds differently."""
     case = export_case("roberta-vit-from-zero")
     hf, model, inputs = case["hf"], case["model"], case["inputs"]
-    assert json.loads(open(os.path.join(case["dst"], "config.json")).read())["text_config"]["model_type"] == "bert"
+    with open(os.path.join(case["dst"], "config.json")) as f:
+        assert json.load(f)["text_config"]["model_type"] == "bert"
     text = model.config.text_config
     assert text.model_type == "roberta"
     roberta = transformers.RobertaModel(transformers.RobertaConfig(

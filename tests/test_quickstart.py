@@ -36,7 +36,9 @@ def test_quickstart_embeds_as_the_encoders_and_the_query_library(quickstart, tin
     assert inputs["pixel_values"].shape == (2, 3, size, size)  # NCHW
     outputs = model(**inputs)
     assert outputs.logits_per_image.shape == (2, 2) and outputs.logits_per_text.shape == (2, 2)
-    assert all(isinstance(outputs[k], np.ndarray) for k in outputs.keys())
+    names = outputs.keys()
+    assert names == ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"]
+    assert all(isinstance(outputs[name], np.ndarray) and outputs[name].dtype == np.float32 for name in names)
 
     query_model = load_model(tiny_ckpt_dir)  # koclip.query, embedding through koclip.encoders
     np.testing.assert_allclose(outputs.text_embeds, query_model.embed_texts(TEXTS), atol=1e-6)
@@ -81,7 +83,7 @@ def test_wrong_inputs_are_one_line_errors(quickstart):
 
 def readme_snippet() -> str:
     section = README.read_text(encoding="utf-8").split("### KoCLIP quickstart", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_the_readme_snippet_runs(tiny_ckpt_dir, tmp_path):
@@ -91,7 +93,7 @@ def test_the_readme_snippet_runs(tiny_ckpt_dir, tmp_path):
     photo().save(image_path)
     code = code.replace('"path/to/checkpoint"', repr(tiny_ckpt_dir)).replace('"cat.jpg"', repr(str(image_path)))
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 (running the README's own snippet)
     probs = namespace["probs"]
     assert probs.shape == (1, 2) and np.allclose(probs.sum(axis=1), 1.0)
     assert namespace["text_features"].shape == (2, namespace["model"].config.projection_dim)
