@@ -1,7 +1,7 @@
 """Soak test of jobs.reindex: many consecutive runs over a source mutated at random, with kills.
 
   python -m bench.soak                       # 30 runs, local disk (writes bench/results/soak.json)
-  python -m bench.soak --runs 10 --gcs       # on a GCS emulator started on 127.0.0.1
+  python -m bench.soak --runs 10 --gcs       # on a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py)
   python -m bench.soak --seed 7 --kill-rate 0.5
   python -m bench.soak --concurrent 20 --gcs # overlapping runs instead (bench/results/soak-concurrent.json)
 
@@ -213,8 +213,9 @@ def _start_emulator() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--in-memory", "--default-bucket", "koclip-soak"],
+    # gcp-storage-emulator with GCS's generation preconditions added, which the locks rely on
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), "--host", "127.0.0.1",
+                             "--port", str(port), "--default-bucket", "koclip-soak"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -223,7 +224,7 @@ def _start_emulator() -> tuple[subprocess.Popen, str]:
                 break
         time.sleep(0.1)  # waiting for a server to listen, not synchronising the code under test
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    os.environ.setdefault("GCSFS_DISABLE_GRPC", "1")
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # no gRPC probe per call (tests/conftest.py)
     return proc, "gs://koclip-soak/soak"
 
 
@@ -276,7 +277,7 @@ def logging_quiet() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "jax", "koclip", "jobs", "pipelines"):
+    for noisy in ("apache_beam", "absl", "jax", "koclip", "jobs", "pipelines", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 

@@ -208,8 +208,12 @@ def reindex(args, on_step=None) -> ReindexResult:
     moved) leaves the old version served."""
     from koclip import lock
 
-    step = on_step or (lambda name: None)
-    with lock.hold(args.work, what="jobs.reindex"), lock.hold(args.index, what="jobs.reindex"):
+    with lock.hold(args.work, what="jobs.reindex") as work_lock, lock.hold(args.index, what="jobs.reindex"):
+        def step(name: str) -> None:
+            work_lock.check()  # each step is followed by a write to WORK: stop if the lease was lost
+            if on_step is not None:
+                on_step(name)
+
         return _reindex(args, step)
 
 
@@ -249,13 +253,14 @@ def _reindex(args, step) -> ReindexResult:
     to_embed = changes.to_embed
     run_out, dead = _embed_changes(args, work, run_id, to_embed) if to_embed else (None, {})
     step("embedded")
-    state = {k: v for k, v in previous.items() if k not in set(changes.deleted)}
+    deleted = set(changes.deleted)
+    state = {k: v for k, v in previous.items() if k not in deleted}
     state.update(state_rows(to_embed, sigs, dead, previous))
     if not any(row["status"] == "embedded" for row in state.values()):
         raise ReindexError(f"nothing to index: none of the {len(items)} items of {args.source} could be embedded "
                            f"(see {fs.join(work, RUNS_DIR, run_id, 'embeddings', DEAD_LETTER_DIR)})")
-    pending = Pending(run_id, run_out, full, sorted(set(changes.deleted) | {i.id for i in to_embed}), fingerprint,
-                      args.model, state)
+    touched = [] if full else sorted(deleted | {i.id for i in to_embed})  # a full run replaces the live store
+    pending = Pending(run_id, run_out, full, touched, fingerprint, args.model, state)
     save_pending(work, pending)
     step("committed")
     result.published, result.live_rows = _apply(args, pending, step)
@@ -293,7 +298,7 @@ def _apply(args, pending: Pending, step) -> tuple[str | None, int]:
     save_model(work, pending.fingerprint, pending.model)
     step("state_saved")
     clear_pending(work)
-    _drop_run_shards(work)
+    _drop_run_shards(work, pending.run_out)
     return published, rows
 
 
@@ -307,18 +312,17 @@ def _write_rejects(work: str, rejects: list) -> None:
         fs.remove(path)
 
 
-def _drop_run_shards(work: str) -> None:
-    """Every run's shards are in the live store now (or belonged to a run abandoned when the source
-    changed during it). Dead letters and input lists stay for inspection; done markers go first,
-    so that a run never looks finished without its shards."""
-    runs = fs.join(work, RUNS_DIR)
-    if not fs.exists(runs):
-        return
-    for entry in fs.ls(runs):
-        out = fs.join(entry["path"], "embeddings")
-        for name in ("_done", "_run.json", "_units"):
-            fs.remove_tree(fs.join(out, name))
+def _drop_run_shards(work: str, run_out: str | None) -> None:
+    """The run's shards are in the live store now; so are those of any earlier run left uncleaned by
+    a crash, or they belonged to a run abandoned when the source changed during it. A run's
+    _run.json goes last: one listing finds every run still to clean. Done markers go first, so that
+    a run never looks finished without its shards. Dead letters and input lists stay."""
+    outs = {p.rsplit("/", 1)[0] for p in fs.glob(fs.join(work, RUNS_DIR, "*", "embeddings", "_run.json"))}
+    for out in sorted(outs | ({run_out} if run_out else set())):
+        fs.remove_tree(fs.join(out, "_done"))
         fs.remove(store.list_shards(out))
+        fs.remove_tree(fs.join(out, "_units"))
+        fs.remove(fs.join(out, "_run.json"))
 
 
 # ---------------------------------------------------------------- command line
