@@ -69,7 +69,8 @@ class PairBatches:
         cfg = self.config
         if self.augment_images:
             image = augment(image, cfg.image_size, rng, self.augment_config)
-        return preprocess_image(image, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resize_shortest_edge)
+        return preprocess_image(image, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resize_shortest_edge,
+                                cfg.image_resize_mode, cfg.image_resample)
 
     def _slot(self, step: int, slot: int, order: np.ndarray, start: int):
         """The item for one batch slot: the first decodable record at or after its position."""

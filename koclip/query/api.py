@@ -62,10 +62,7 @@ class QueryModel:
 
     def embed_images(self, sources) -> np.ndarray:
         """L2-normalised float32 [N, D] for images given as Path, bytes or PIL images."""
-        from koclip.processing import preprocess_image
-
-        p = self.preprocessor
-        pixels = [preprocess_image(self.open(s), p.size, p.mean, p.std, p.resize_shortest_edge) for s in sources]
+        pixels = [self.preprocessor.preprocess(self.open(s)) for s in sources]
         return np.asarray(self.encoders.images(np.stack(pixels)), dtype=np.float32)
 
     def embed_texts(self, texts) -> np.ndarray:

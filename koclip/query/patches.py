@@ -172,8 +172,9 @@ def token_embeddings(model, picture: Image.Image) -> np.ndarray:
 
     config = model.config
     size = config.image_size
-    squeezed = picture.resize((size, size), resample=Image.Resampling.BICUBIC)
-    pixels = preprocess_image(squeezed, size, config.image_mean, config.image_std, size)
+    squeezed = picture.resize((size, size), resample=Image.Resampling[config.image_resample.upper()])
+    pixels = preprocess_image(squeezed, size, config.image_mean, config.image_std, size, "square",
+                              config.image_resample)
     tokens = np.asarray(model.embed_patches(pixels[None]))[0]
     g = math.isqrt(tokens.shape[0])
     if g * g != tokens.shape[0]:

@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 from koclip import faults, fs
 from koclip.data.manifest import Item
 from koclip.errors import ImageDecodeError, TooLargeError
-from koclip.processing import ImagePreprocessor, open_image, preprocess_image
+from koclip.processing import ImagePreprocessor, open_image
 
 NAMESPACE = "koclip.embed"
 
@@ -133,7 +133,7 @@ class DecodeItem(beam.DoFn):
         except ImageDecodeError as e:
             raise _Rejected("decode", e.reason, e.message) from None
         pre = self.pre
-        pixels = preprocess_image(image, pre.size, pre.mean, pre.std, pre.resize_shortest_edge)
+        pixels = pre.preprocess(image)
         if pixels.shape != (pre.size, pre.size, 3) or not np.isfinite(pixels).all():
             raise _Rejected("validate", "bad_shape", f"preprocessed to {pixels.shape}, expected "
                             f"{(pre.size, pre.size, 3)} finite values")
