@@ -72,7 +72,7 @@ def exported_text_type(config: HybridCLIPConfig) -> str:
     if text.model_type not in EXPORTABLE_TEXT_TYPES:
         raise ConfigError(f"a {text.model_type!r} text tower cannot be exported as a VisionTextDualEncoderModel "
                           f"(exported: {', '.join(EXPORTABLE_TEXT_TYPES)})")
-    if text.model_type == "roberta" and getattr(config, "text_position_ids", "model") == "from_zero":
+    if text.model_type == "roberta" and config.text_position_ids == "from_zero":
         return "bert"
     return text.model_type
 
@@ -156,14 +156,14 @@ def preprocessor_config(config: HybridCLIPConfig) -> dict:
         "processor_class": "VisionTextDualEncoderProcessor",
         "do_convert_rgb": True,
         "do_resize": True,
-        "resample": PIL_RESAMPLE[getattr(config, "image_resample", "bicubic")],
+        "resample": PIL_RESAMPLE[config.image_resample],
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "image_mean": list(config.image_mean),
         "image_std": list(config.image_std),
     }
-    if getattr(config, "image_resize_mode", "shortest_edge") == "square":
+    if config.image_resize_mode == "square":
         return {"image_processor_type": "ViTImageProcessor", **shared, "size": {"height": size, "width": size}}
     return {"image_processor_type": "CLIPImageProcessor", **shared,
             "size": {"shortest_edge": config.resize_shortest_edge},
