@@ -165,9 +165,11 @@ def import_dual_encoder(folder: str, raw: dict) -> tuple[HybridCLIPConfig, dict]
     config = dual_encoder_config(folder, raw)
     expected = expected_shapes(config)
     tensors, source = read_weights(folder)
-    if config.vision_config.model_type == "clip_vision_model":
-        # The dual encoder holds CLIPVisionModel.vision_model itself, one vision_model. level
-        # fewer than our tree (FlaxHybridCLIP's), which keeps the whole CLIPVisionModel.
+    doubled = any(k.startswith("vision_model.vision_model.") for k in tensors)
+    if config.vision_config.model_type == "clip_vision_model" and not doubled:
+        # transformers 5 saves a fresh dual encoder's CLIPVisionModel.vision_model itself, one
+        # vision_model. level fewer than our tree (FlaxHybridCLIP's); transformers 4 (and a re-save
+        # in 5, and koclip export) keep the whole CLIPVisionModel, as we do.
         tensors = {("vision_model." + k if k.startswith("vision_model.") else k): v for k, v in tensors.items()}
     roots = ("text_model/", "vision_model/", "text_projection/", "visual_projection/", "logit_scale")
     return config, fit(torch_to_flax(tensors, expected, roots), expected, source)

@@ -144,3 +144,23 @@ def test_unsupported_folder_is_one_line_naming_what_was_found(tmp_path, capsys):
     assert main(["info", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "has no config.json (it holds weights.npz); expected a koclip checkpoint" in err
+
+
+def test_the_embedding_pipeline_preprocesses_as_the_folders_image_processor(tmp_path):
+    """A ViT folder resizes to a square (no crop): a non-square image embedded by the Beam pipeline
+    equals transformers' model on its own processor's pixels."""
+    from koclip import store
+    from pipelines import embed
+
+    torch_model, src = hf_models.dual_encoder(tmp_path / "hf", "bert", "vit")
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 90, 3), dtype=np.uint8))
+    image.save(tmp_path / "wide.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "wide", "image": "wide.png", "captions": ["넓은 그림"]}) + "\n")
+    embed.run(["--input", str(tmp_path / "m.jsonl"), "--output", str(tmp_path / "out"), "--model", src,
+               "--batch-size", "2"])
+    row = store.open_store(str(tmp_path / "out")).read_table(["image_embedding"]).column(0).to_pylist()[0]
+    pixels = transformers.AutoImageProcessor.from_pretrained(src)(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(torch_model.get_image_features(pixel_values=pixels).pooler_output,
+                                                 dim=-1)
+    assert max_diff(np.asarray(row)[None], expected) <= TOL

@@ -195,3 +195,18 @@ def test_cli_wrong_path_and_existing_export_are_one_line_exit_2(tiny_ckpt_dir, t
     config = json.loads((dst / "config.json").read_text())
     assert config["model_type"] == "vision-text-dual-encoder"
     assert config["koclip_fingerprint"] == load_checkpoint(tiny_ckpt_dir).fingerprint
+
+
+def test_an_export_loads_back_as_a_checkpoint_that_embeds_the_same(exported):
+    """export -> load_checkpoint (the transformers folder itself) -> the same features: the vision
+    keys as transformers 4 writes them (vision_model.vision_model.*) are read as they are."""
+    from koclip.checkpoint import load_checkpoint
+    from koclip.quickstart import load_koclip
+
+    load_checkpoint(exported["dst"])  # a CheckpointError (keys that do not fit) before the fix
+    model, inputs = exported["model"], exported["inputs"]
+    back, _ = load_koclip(exported["dst"])
+    assert np.abs(back.get_image_features(inputs["pixel_values"]) -
+                  model.get_image_features(inputs["pixel_values"])).max() <= TOLERANCE
+    assert np.abs(back.get_text_features(inputs["input_ids"], inputs["attention_mask"]) -
+                  model.get_text_features(inputs["input_ids"], inputs["attention_mask"])).max() <= TOLERANCE
