@@ -182,15 +182,29 @@ def _pending_path(work: str, name: str) -> str:
 def save_pending(work: str, pending: Pending) -> None:
     """Commit a run: its new state first, then run.json, whose existence is the commit."""
     _write_state(_pending_path(work, STATE_FILE), pending.state)
-    record = {k: getattr(pending, k) for k in ("run", "run_out", "full", "remove", "fingerprint", "model")}
+    record = {k: getattr(pending, k) for k in ("run", "full", "remove", "fingerprint", "model")}
+    # relative to WORK, so that a work dir copied or moved elsewhere applies its own run's shards
+    record["run_out"] = _relative(work, pending.run_out)
     fs.write_bytes(_pending_path(work, "run.json"), json.dumps(record, ensure_ascii=False).encode())
+
+
+def _relative(work: str, path: str | None) -> str | None:
+    if path is None:
+        return None
+    prefix = fs.join(work, "")
+    if not path.startswith(prefix):
+        raise ValueError(f"the run's output {path} is not under the work dir {work}")
+    return path[len(prefix):]
 
 
 def load_pending(work: str) -> Pending | None:
     path = _pending_path(work, "run.json")
     if not fs.exists(path):
         return None
-    pending = Pending(**json.loads(fs.read_bytes(path)), state=_read_state(_pending_path(work, STATE_FILE)))
+    record = json.loads(fs.read_bytes(path))
+    if record["run_out"] is not None:
+        record["run_out"] = fs.join(work, record["run_out"])
+    pending = Pending(**record, state=_read_state(_pending_path(work, STATE_FILE)))
     marker = _pending_path(work, "published.json")
     if fs.exists(marker):
         record = json.loads(fs.read_bytes(marker))

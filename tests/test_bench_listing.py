@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow  # a benchmark smoke run (about 40 s)
 def test_listing_bench_reports_each_size(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the workers run `python -m bench.listing`
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow  # about 2 minutes: a benchmark smoke run, not behaviour
 def test_quick_run_writes_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the workers run `python -m bench.pipeline`

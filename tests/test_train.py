@@ -106,6 +106,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "nonsense" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # about 75 s on 2 cores; test_modeling covers sharded encoding
 def test_two_devices_train_like_one(pairs, tmp_path):
     script = textwrap.dedent(f"""
         import dataclasses, sys, jax, numpy as np
