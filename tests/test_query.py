@@ -269,11 +269,15 @@ def check_agreement(index_dir, ckpt_dir, model, records) -> dict:
     labels = list(dict.fromkeys(r.captions[0] for r in records))
     ranked = query.classify([pathlib.Path(r.uri) for r in records], labels, model=model)
     # evaluate counts ties against the model; classify lists tied labels in the order given. The
-    # tiny vocabulary reads most Korean words as [UNK], so many prompts tie there.
-    label_ranks = np.array([sum(p >= dict(found)[r.captions[0]] for _, p in found)
-                            for found, r in zip(ranked, records)])
+    # tiny vocabulary reads most Korean words as [UNK], so many prompts tie there, and the two
+    # compute the same probabilities along different float paths: a tie in one may differ in the
+    # last bits in the other. So evaluate's figure must lie between the accuracies with near-ties
+    # (within 1e-6) counted for and against the model.
+    own = [dict(found)[r.captions[0]] for found, r in zip(ranked, records)]
+    best_ranks = np.array([1 + sum(p > o + 1e-6 for _, p in found) for found, o in zip(ranked, own)])
+    worst_ranks = np.array([sum(p >= o - 1e-6 for _, p in found) for found, o in zip(ranked, own)])
     for k in (1, 5):
-        assert np.mean(label_ranks <= k) == pytest.approx(figures[f"zeroshot_acc@{k}"], abs=1e-12)
+        assert np.mean(worst_ranks <= k) - 1e-12 <= figures[f"zeroshot_acc@{k}"] <= np.mean(best_ranks <= k) + 1e-12
     return figures
 
 
