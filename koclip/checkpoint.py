@@ -6,8 +6,8 @@ A checkpoint is a directory (local or any fsspec URL, e.g. gs://) holding
   tokenizer files      whatever `PreTrainedTokenizer.save_pretrained` writes
 The checkpoints that KoCLIP and clip-italian published have the same two model files, so they
 load as they are (their RoBERTa towers with FlaxHybridCLIP's 0..L-1 positions, see
-HybridCLIPConfig.text_position_ids). transformers' VisionTextDualEncoderModel folders load too
-(koclip.hf_import); `koclip convert` writes them in our format.
+HybridCLIPConfig.text_position_ids). transformers' VisionTextDualEncoderModel and CLIPModel
+folders load too (koclip.hf_import); `koclip convert` writes them in our format.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from koclip import fs
 from koclip.config import HybridCLIPConfig
 from koclip.errors import CheckpointError, ConfigError, NotFoundError
 from koclip.hf_import import (  # noqa: F401 (import_*_encoder, ImportedVision: public here too)
-    ImportedVision, dual_encoder_config, import_dual_encoder, import_text_encoder, import_vision_encoder,
-    is_dual_encoder, read_json, unsupported_folder,
+    ImportedVision, import_text_encoder, import_transformers_model, import_vision_encoder, is_transformers_model,
+    read_json, transformers_model_config, unsupported_folder,
 )
 from koclip.modeling import KoCLIP
 from koclip.params import check_params, flat_shapes, float32_params  # noqa: F401 (public here too)
@@ -138,8 +138,8 @@ def load_config(path: str) -> HybridCLIPConfig:
 
 
 def _config_of(path: str, raw: dict | None) -> HybridCLIPConfig:
-    if raw is not None and is_dual_encoder(raw):
-        return dual_encoder_config(path, raw)
+    if raw is not None and is_transformers_model(raw):
+        return transformers_model_config(path, raw)
     if raw is None or not _is_hybrid(raw):
         raise CheckpointError(unsupported_folder(path, raw))
     try:
@@ -152,13 +152,14 @@ def load_checkpoint(path: str) -> Checkpoint:
     """Load any folder of a supported format; params become float32 numpy.
 
     The formats, told apart by config.json: ours and the published FlaxHybridCLIP ones
-    (config.json + flax_model.msgpack), and transformers' VisionTextDualEncoderModel folders
-    (model_type "vision-text-dual-encoder"; weights as koclip.hf_weights reads them). Anything
+    (config.json + flax_model.msgpack), and transformers' VisionTextDualEncoderModel and CLIPModel
+    folders (model_type "vision-text-dual-encoder" or "clip"; weights as koclip.hf_weights reads
+    them). Anything
     else is a CheckpointError naming what the folder holds.
     """
     raw = _raw_config(path)
-    if raw is not None and is_dual_encoder(raw):
-        config, params = import_dual_encoder(path, raw)
+    if raw is not None and is_transformers_model(raw):
+        config, params = import_transformers_model(path, raw)
         return Checkpoint(config, params, path=path)
     config = _config_of(path, raw)
     weights = fs.join(path, WEIGHTS_NAME)

@@ -14,7 +14,7 @@ from typing import Any
 
 from koclip.errors import ConfigError
 
-TEXT_MODEL_TYPES = ("bert", "roberta")
+TEXT_MODEL_TYPES = ("bert", "roberta", "clip_text_model")
 VISION_MODEL_TYPES = ("clip_vision_model", "vit")
 LOGIT_SCALE_MODES = ("learned", "fixed")
 TEXT_POSITION_IDS = ("model", "from_zero")
@@ -29,10 +29,16 @@ _KOCLIP_FIELDS = ("logit_scale_mode", "text_length_buckets", "max_text_length", 
 # nothing, so they are left out of the fingerprint and existing stores keep theirs.
 FINGERPRINT_NEUTRAL = {"text_position_ids": "model", "image_resize_mode": "shortest_edge",
                        "image_resample": "bicubic"}
+FINGERPRINT_NEUTRAL_TEXT = {"eos_token_id": None}  # the same, inside text_config
 
 # CLIP's normalisation constants (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+CLIP_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8,
+                      "intermediate_size": 2048, "hidden_act": "quick_gelu", "max_position_embeddings": 77,
+                      "layer_norm_eps": 1e-5, "pad_token_id": 1, "eos_token_id": 49407}
 
 
 def _known_fields(cls, d: dict) -> dict:
@@ -42,7 +48,11 @@ def _known_fields(cls, d: dict) -> dict:
 
 @dataclass
 class TextConfig:
-    """A BERT or RoBERTa encoder, with the field names of transformers' configs."""
+    """A BERT, RoBERTa or CLIP text encoder, with the field names of transformers' configs.
+
+    `eos_token_id` is read by the CLIP text tower only (the token it pools at); BERT and RoBERTa
+    pool at the first token and keep it unset.
+    """
 
     model_type: str = "bert"
     vocab_size: int = 30522
@@ -57,6 +67,7 @@ class TextConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    eos_token_id: int | None = None
 
     def __post_init__(self):
         if self.model_type not in TEXT_MODEL_TYPES:
@@ -65,12 +76,21 @@ class TextConfig:
             )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("text hidden_size must be a multiple of num_attention_heads")
+        if self.model_type == "clip_text_model" and not isinstance(self.eos_token_id, int):
+            raise ConfigError(f"a clip_text_model needs one integer eos_token_id (the token it pools at), "
+                              f"got {self.eos_token_id!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
         d = dict(d)
         if d.get("model_type") == "roberta" and "pad_token_id" not in d:
             d["pad_token_id"] = 1
+        if d.get("model_type") == "clip_text_model":
+            # transformers' CLIPTextConfig defaults, for configs that leave a field out.
+            for key, value in CLIP_TEXT_DEFAULTS.items():
+                d.setdefault(key, value)
+            d.setdefault("attention_probs_dropout_prob", d.get("attention_dropout", 0.0))
+            d.setdefault("hidden_dropout_prob", 0.0)
         return cls(**_known_fields(cls, d))
 
     @property
@@ -222,11 +242,14 @@ class HybridCLIPConfig:
         return d
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """to_dict() without the FINGERPRINT_NEUTRAL fields that hold their neutral value."""
+        """to_dict() without the FINGERPRINT_NEUTRAL(_TEXT) fields that hold their neutral value."""
         d = self.to_dict()
         for key, neutral in FINGERPRINT_NEUTRAL.items():
             if d.get(key) == neutral:
                 del d[key]
+        for key, neutral in FINGERPRINT_NEUTRAL_TEXT.items():
+            if d["text_config"].get(key) == neutral:
+                del d["text_config"][key]
         return d
 
     @classmethod

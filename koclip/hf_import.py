@@ -1,10 +1,14 @@
-"""Import of transformers folders: one tower (BERT/RoBERTa, CLIP/ViT vision) or a whole
-`VisionTextDualEncoderModel` (koclip/koclip-base-pt, Bingsu/vitB32_bert_ko_small_clip).
+"""Import of transformers folders: one tower (BERT/RoBERTa, CLIP/ViT vision), a whole
+`VisionTextDualEncoderModel` (koclip/koclip-base-pt, Bingsu/vitB32_bert_ko_small_clip) or a whole
+`CLIPModel` (Bingsu/clip-vit-base-patch32-ko, and every OpenAI-architecture CLIP).
 
 A dual-encoder folder holds config.json (model_type "vision-text-dual-encoder", with
 text_config and vision_config), its weights (see koclip.hf_weights), the tokenizer files and
 preprocessor_config.json. Its trained text_projection, visual_projection and logit_scale are
 kept; its text tower numbers positions as the text model does (text_position_ids "model").
+A CLIPModel folder is the same with model_type "clip": a clip_text_model text tower (see
+koclip.modeling.clip_text) and a CLIP vision tower, texts up to the text tower's
+max_position_embeddings tokens (77 for OpenAI's), as its tokenizer truncates them.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 DUAL_ENCODER_TYPE = "vision-text-dual-encoder"
 DUAL_ENCODER_ARCHITECTURE = "VisionTextDualEncoderModel"
+CLIP_TYPE = "clip"
+CLIP_ARCHITECTURE = "CLIPModel"
 # PIL's filter numbers, as transformers stores `resample` in preprocessor_config.json.
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -40,6 +46,16 @@ def read_json(path: str) -> dict:
 def is_dual_encoder(raw_config: dict) -> bool:
     return (raw_config.get("model_type") == DUAL_ENCODER_TYPE
             or DUAL_ENCODER_ARCHITECTURE in (raw_config.get("architectures") or ()))
+
+
+def is_clip_model(raw_config: dict) -> bool:
+    return (raw_config.get("model_type") == CLIP_TYPE
+            or CLIP_ARCHITECTURE in (raw_config.get("architectures") or ()))
+
+
+def is_transformers_model(raw_config: dict) -> bool:
+    """A whole two-tower transformers model: what import_transformers_model reads."""
+    return is_dual_encoder(raw_config) or is_clip_model(raw_config)
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -142,34 +158,44 @@ def import_vision_encoder(hf_dir: str) -> ImportedVision:
 # ---------------------------------------------------------------- VisionTextDualEncoderModel
 
 
-def dual_encoder_config(folder: str, raw: dict) -> HybridCLIPConfig:
+def transformers_model_config(folder: str, raw: dict) -> HybridCLIPConfig:
+    """The HybridCLIPConfig of a VisionTextDualEncoderModel or CLIPModel folder."""
     where = fs.join(folder, CONFIG_NAME)
+    kind = CLIP_TYPE if is_clip_model(raw) else DUAL_ENCODER_TYPE
     missing = [key for key in ("text_config", "vision_config") if not isinstance(raw.get(key), dict)]
     if missing:
-        raise CheckpointError(f"{where}: a {DUAL_ENCODER_TYPE} config without {' or '.join(missing)}")
+        raise CheckpointError(f"{where}: a {kind} config without {' or '.join(missing)}")
+    text, vision = dict(raw["text_config"]), dict(raw["vision_config"])
+    extra = {}
+    if kind == CLIP_TYPE:
+        text["model_type"], vision["model_type"] = "clip_text_model", "clip_vision_model"
     try:
+        text_config = TextConfig.from_dict(text)
+        if kind == CLIP_TYPE:
+            extra["max_text_length"] = text_config.max_position_embeddings
         return HybridCLIPConfig(
-            text_config=TextConfig.from_dict(raw["text_config"]),
-            vision_config=VisionConfig.from_dict(raw["vision_config"]),
+            text_config=text_config,
+            vision_config=VisionConfig.from_dict(vision),
             projection_dim=int(raw.get("projection_dim", 512)),
             logit_scale_init=float(raw.get("logit_scale_init_value", 2.6592)),
-            text_position_ids="model",  # VisionTextDualEncoderModel passes no position_ids
+            text_position_ids="model",  # neither model passes position_ids to its text tower
+            **extra,
             **read_preprocessing(folder),
         )
     except (ConfigError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def import_dual_encoder(folder: str, raw: dict) -> tuple[HybridCLIPConfig, dict]:
-    """A VisionTextDualEncoderModel folder (its parsed config.json `raw`) -> (config, params)."""
-    config = dual_encoder_config(folder, raw)
+def import_transformers_model(folder: str, raw: dict) -> tuple[HybridCLIPConfig, dict]:
+    """A VisionTextDualEncoderModel or CLIPModel folder (its parsed config.json `raw`) -> (config, params)."""
+    config = transformers_model_config(folder, raw)
     expected = expected_shapes(config)
     tensors, source = read_weights(folder)
     doubled = any(k.startswith("vision_model.vision_model.") for k in tensors)
     if config.vision_config.model_type == "clip_vision_model" and not doubled:
-        # transformers 5 saves a fresh dual encoder's CLIPVisionModel.vision_model itself, one
-        # vision_model. level fewer than our tree (FlaxHybridCLIP's); transformers 4 (and a re-save
-        # in 5, and koclip export) keep the whole CLIPVisionModel, as we do.
+        # Our tree (FlaxHybridCLIP's) holds a whole CLIPVisionModel under vision_model/, one
+        # vision_model. level more than CLIPModel, and than transformers 5's save of a fresh dual
+        # encoder; transformers 4 (and a re-save in 5, and koclip export) keep it, as we do.
         tensors = {("vision_model." + k if k.startswith("vision_model.") else k): v for k, v in tensors.items()}
     roots = ("text_model/", "vision_model/", "text_projection/", "visual_projection/", "logit_scale")
     return config, fit(torch_to_flax(tensors, expected, roots), expected, source)
@@ -178,7 +204,7 @@ def import_dual_encoder(folder: str, raw: dict) -> tuple[HybridCLIPConfig, dict]
 def unsupported_folder(folder: str, raw: dict | None) -> str:
     """One line naming what the folder holds that is none of the formats load_checkpoint reads."""
     expected = ("expected a koclip checkpoint, a FlaxHybridCLIP flax_model.msgpack, "
-                "or a VisionTextDualEncoderModel folder")
+                "or a VisionTextDualEncoderModel or CLIPModel folder")
     try:
         names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(fs.join(folder, "*"), files_only=False))
     except OSError:  # the listing only decorates the message

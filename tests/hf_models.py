@@ -5,8 +5,13 @@ conversion is exercised by the same tests that compare the outputs.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
+
+from koclip.modeling.hybrid import HybridCLIP
+
+TOL = 1e-5  # fp32 parity with transformers' PyTorch models, max abs
 
 SMALL_TEXT = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=48, max_position_embeddings=40, type_vocab_size=2)
@@ -107,3 +112,78 @@ def dual_encoder(path, text: str = "roberta", vision: str = "clip", weights: str
     tokenizer.save_pretrained(path)
     processor.save_pretrained(path)
     return model, path
+
+
+def clip_model(path, weights: str = "safetensors", eos: str = "first", seed: int = 0):
+    """A random tiny CLIPModel folder with a tokenizer and a CLIPImageProcessor, as a Korean CLIP
+    (Bingsu/clip-vit-base-patch32-ko) is published: a WordPiece tokenizer whose [SEP] ends a text.
+
+    eos: "first" (eos_token_id = [SEP]: pooled at its first occurrence) or "legacy" (eos_token_id 2,
+    as configs saved before transformers PR #24773 carry: pooled at the highest token id).
+    weights: "safetensors" or "bin" (pytorch_model.bin, saved by torch).
+    """
+    from safetensors.torch import load_file
+
+    from koclip.vocab import TINY_CORPUS, train_wordpiece
+
+    torch.manual_seed(seed)
+    tokenizer = train_wordpiece(TINY_CORPUS, vocab_size=SMALL_TEXT["vocab_size"])
+    eos_token_id = tokenizer.sep_token_id if eos == "first" else 2
+    text_config = dict(vocab_size=max(SMALL_TEXT["vocab_size"], len(tokenizer)), hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, max_position_embeddings=24,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                       eos_token_id=eos_token_id)
+    config = transformers.CLIPConfig(text_config=text_config, vision_config=SMALL_VISION, projection_dim=16,
+                                     logit_scale_init_value=2.0)
+    model = _randomize(transformers.CLIPModel(config), seed).eval()
+    path = str(path)
+    model.save_pretrained(path)
+    if weights == "bin":
+        safetensors_path = f"{path}/model.safetensors"
+        torch.save(load_file(safetensors_path), f"{path}/pytorch_model.bin")
+        __import__("os").remove(safetensors_path)
+    tokenizer.save_pretrained(path)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return model, path
+
+
+# ---------------------------------------------------------------- parity with the PyTorch model
+
+
+def max_diff(ours, theirs) -> float:
+    return float(np.abs(np.asarray(ours, np.float32) - theirs.detach().numpy()).max())
+
+
+def inputs(pad_id: int, eos_id: int | None = None):
+    """Token ids and mask [3, 11] (rows of 11, 7 and 3 tokens, the rest padding; ending with
+    `eos_id` when given, as a CLIP tokenizer ends a text) and NCHW pixels [2, 3, 32, 32]."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 120, (3, 11))
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 3:] = 0
+    ids[mask == 0] = pad_id
+    if eos_id is not None:
+        ids[np.arange(3), mask.sum(1) - 1] = eos_id
+    pixels = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)  # NCHW, as transformers takes them
+    return ids, mask, pixels
+
+
+def assert_matches_torch(ckpt, torch_model) -> dict[str, float]:
+    """Our text and image features and logits_per_image vs the PyTorch model's, within TOL."""
+    text_config = ckpt.config.text_config
+    ids, mask, pixels = inputs(text_config.pad_token_id, text_config.eos_token_id)
+    t_ids, t_mask, t_pixels = torch.tensor(ids), torch.tensor(mask), torch.tensor(pixels)
+    with torch.no_grad():
+        text = torch_model.get_text_features(input_ids=t_ids, attention_mask=t_mask).pooler_output
+        image = torch_model.get_image_features(pixel_values=t_pixels).pooler_output
+        logits = torch_model(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pixels).logits_per_image
+    model, nhwc = ckpt.model(), pixels.transpose(0, 2, 3, 1)
+    apply = lambda method, *args: model.module.apply({"params": ckpt.params}, *args, method=method)
+    diffs = {
+        "text": max_diff(apply(HybridCLIP.text_features, ids, mask), text),
+        "image": max_diff(apply(HybridCLIP.image_features, nhwc), image),
+        "logits_per_image": max_diff(model.contrastive_logits(ckpt.params, ids, mask, nhwc)[1], logits),
+    }
+    assert all(d <= TOL for d in diffs.values()), diffs
+    return diffs

@@ -13,47 +13,11 @@ import transformers
 from PIL import Image
 
 import hf_models
+from hf_models import TOL, assert_matches_torch, inputs, max_diff
 from koclip import checkpoint
 from koclip.cli.main import main
 from koclip.errors import CheckpointError, MissingDependency
-from koclip.modeling.hybrid import HybridCLIP
 from koclip.processing import ImagePreprocessor
-
-TOL = 1e-5
-
-
-def max_diff(ours, theirs) -> float:
-    return float(np.abs(np.asarray(ours, np.float32) - theirs.detach().numpy()).max())
-
-
-def inputs(pad_id: int):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, 120, (3, 11))
-    mask = np.ones_like(ids)
-    mask[1, 7:] = 0
-    mask[2, 3:] = 0
-    ids[mask == 0] = pad_id
-    pixels = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)  # NCHW, as transformers takes them
-    return ids, mask, pixels
-
-
-def assert_matches_torch(ckpt, torch_model) -> dict[str, float]:
-    ids, mask, pixels = inputs(ckpt.config.text_config.pad_token_id)
-    t_ids, t_mask, t_pixels = torch.tensor(ids), torch.tensor(mask), torch.tensor(pixels)
-    with torch.no_grad():
-        text = torch_model.get_text_features(input_ids=t_ids, attention_mask=t_mask).pooler_output
-        image = torch_model.get_image_features(pixel_values=t_pixels).pooler_output
-        logits = torch_model(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_pixels).logits_per_image
-    model, nhwc = ckpt.model(), pixels.transpose(0, 2, 3, 1)
-    apply = lambda method, *args: model.module.apply({"params": ckpt.params}, *args, method=method)
-    diffs = {
-        "text": max_diff(apply(HybridCLIP.text_features, ids, mask), text),
-        "image": max_diff(apply(HybridCLIP.image_features, nhwc), image),
-        "logits_per_image": max_diff(model.contrastive_logits(ckpt.params, ids, mask, nhwc)[1], logits),
-    }
-    assert all(d <= TOL for d in diffs.values()), diffs
-    return diffs
-
 
 @pytest.mark.parametrize("text,vision,weights", [
     ("roberta", "clip", "safetensors"), ("bert", "vit", "safetensors"),
@@ -136,7 +100,7 @@ def test_unsupported_folder_is_one_line_naming_what_was_found(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"config.json has model_type 'bert' \(architectures \['BertModel'\]\) "
                        r"and no text_config/vision_config; the folder holds config.json, model.safetensors.*"
                        r"expected a koclip checkpoint, a FlaxHybridCLIP flax_model.msgpack, or a "
-                       r"VisionTextDualEncoderModel folder"):
+                       r"VisionTextDualEncoderModel or CLIPModel folder"):
         checkpoint.load_checkpoint(bert_dir)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "weights.npz").write_bytes(b"")

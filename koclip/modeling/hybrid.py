@@ -15,6 +15,7 @@ import numpy as np
 
 from koclip.config import HybridCLIPConfig
 from koclip.modeling.bert import BertModel
+from koclip.modeling.clip_text import ClipTextModel
 from koclip.modeling.layers import dense
 from koclip.modeling.vision import vision_model_class
 
@@ -32,7 +33,10 @@ class HybridCLIP(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.text_model = BertModel(cfg.text_config, self.dtype, cfg.text_position_ids)
+        if cfg.text_config.model_type == "clip_text_model":
+            self.text_model = ClipTextModel(cfg.text_config, self.dtype)
+        else:
+            self.text_model = BertModel(cfg.text_config, self.dtype, cfg.text_position_ids)
         self.vision_model = vision_model_class(cfg.vision_config)(cfg.vision_config, self.dtype)
         init = nn.initializers.normal(0.02)
         self.text_projection = dense(cfg.projection_dim, self.dtype, None, use_bias=False, kernel_init=init)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from koclip.config import VisionConfig
+from koclip.modeling.clip_encoder import ClipEncoder
 from koclip.modeling.layers import activation, dense, dot_product_attention, layer_norm, split_heads
 
 
@@ -38,60 +39,6 @@ class ClipEmbeddings(nn.Module):
         pos = nn.Embed(cfg.num_patches + 1, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02),
                        name="position_embedding")(jnp.arange(cfg.num_patches + 1))
         return x + pos[None].astype(x.dtype)
-
-
-class ClipAttention(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        proj = lambda name: dense(cfg.hidden_size, self.dtype, name)
-        q, k, v = (split_heads(proj(n)(x), cfg.num_attention_heads) for n in ("q_proj", "k_proj", "v_proj"))
-        return proj("out_proj")(dot_product_attention(q, k, v, None))
-
-
-class ClipMLP(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        cfg = self.config
-        x = activation(cfg.hidden_act)(dense(cfg.intermediate_size, self.dtype, "fc1")(x))
-        return dense(cfg.hidden_size, self.dtype, "fc2")(x)
-
-
-class ClipLayer(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        eps = self.config.layer_norm_eps
-        x = x + ClipAttention(self.config, self.dtype, name="self_attn")(layer_norm(eps, self.dtype, "layer_norm1")(x))
-        return x + ClipMLP(self.config, self.dtype, name="mlp")(layer_norm(eps, self.dtype, "layer_norm2")(x))
-
-
-class ClipLayerStack(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        for i in range(self.config.num_hidden_layers):
-            x = ClipLayer(self.config, self.dtype, name=str(i))(x)
-        return x
-
-
-class ClipEncoder(nn.Module):
-    config: VisionConfig
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        return ClipLayerStack(self.config, self.dtype, name="layers")(x)
 
 
 class ClipVisionTransformer(nn.Module):
