@@ -262,10 +262,14 @@ class HybridCLIPConfig:
 
 # Named tiny configs, for tests and demos: random init in seconds.
 def tiny_config(text: str = "bert", vision: str = "clip_vision_model", **overrides) -> HybridCLIPConfig:
+    clip_text = text == "clip_text_model"
     text_config = TextConfig(
         model_type=text, vocab_size=1000, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=64, max_position_embeddings=66 if text == "roberta" else 64,
         pad_token_id=1 if text == "roberta" else 0,
+        # koclip.vocab's tiny tokenizers end a text with [SEP] (id 3): the CLIP tower pools there.
+        eos_token_id=3 if clip_text else None,
+        hidden_act="quick_gelu" if clip_text else "gelu", layer_norm_eps=1e-5 if clip_text else 1e-12,
     )
     vision_config = VisionConfig(
         model_type=vision, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -284,4 +288,5 @@ NAMED_CONFIGS = {
     "tiny-roberta-clip": lambda: tiny_config("roberta", "clip_vision_model"),
     "tiny-bert-vit": lambda: tiny_config("bert", "vit"),
     "tiny-roberta-vit": lambda: tiny_config("roberta", "vit"),
+    "tiny-cliptext-clip": lambda: tiny_config("clip_text_model", "clip_vision_model"),
 }

@@ -1,9 +1,11 @@
-"""Export a checkpoint as a transformers `VisionTextDualEncoderModel` folder.
+"""Export a checkpoint as a transformers `VisionTextDualEncoderModel` (or `CLIPModel`) folder.
 
 `export_transformers(CKPT, DST)` writes what `transformers.AutoModel.from_pretrained(DST)` and
 `AutoProcessor.from_pretrained(DST)` load, so a model trained or fine-tuned here runs in PyTorch:
   config.json               model_type "vision-text-dual-encoder": text_config (bert/roberta),
-                            vision_config (clip_vision_model/vit), projection_dim, logit_scale_init_value
+                            vision_config (clip_vision_model/vit), projection_dim, logit_scale_init_value;
+                            or, for a CLIP text tower (clip_text_model), model_type "clip"
+                            (CLIPModel: a CLIP vision tower only)
   model.safetensors         every parameter in PyTorch's names and layouts (float32); written
                             with safetensors' numpy API, so exporting needs neither torch nor
                             transformers
@@ -32,7 +34,7 @@ from koclip.errors import CheckpointError, ConfigError, UsageError
 
 HF_WEIGHTS_NAME = "model.safetensors"
 HF_PREPROCESSOR_NAME = "preprocessor_config.json"
-EXPORTABLE_TEXT_TYPES = ("bert", "roberta")
+EXPORTABLE_TEXT_TYPES = ("bert", "roberta", "clip_text_model")
 EXPORTABLE_VISION_TYPES = ("clip_vision_model", "vit")
 # PIL's filter numbers, as transformers stores `resample` in preprocessor_config.json.
 PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -42,13 +44,14 @@ _FILE_NAMES_WRITTEN = (CONFIG_NAME, HF_WEIGHTS_NAME, HF_PREPROCESSOR_NAME) + TOK
 # ---------------------------------------------------------------- weights
 
 
-def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
+def flax_to_torch(params: dict, clip_model: bool = False) -> dict[str, np.ndarray]:
     """Our parameter tree -> PyTorch state-dict names and layouts (the inverse of
     koclip.checkpoint's import): Dense kernel [in, out] -> weight [out, in]; Conv kernel
     [kh, kw, in, out] -> weight [out, in, kh, kw]; LayerNorm scale -> weight; Embed embedding ->
     weight; every other leaf (biases, class/cls tokens, ViT position embeddings, logit_scale)
     keeps its name. Our tree already nests as VisionTextDualEncoderModel does (text_model.,
-    vision_model.vision_model. for CLIP, vision_model. for ViT, the projections at the top)."""
+    vision_model.vision_model. for CLIP, vision_model. for ViT, the projections at the top);
+    a CLIPModel (`clip_model`) holds the CLIP vision transformer one level up, as vision_model."""
     out = {}
     for path, value in flatten_dict(params).items():
         value = np.asarray(value, dtype=np.float32)
@@ -58,6 +61,8 @@ def flax_to_torch(params: dict) -> dict[str, np.ndarray]:
             value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
         elif leaf in ("scale", "embedding"):
             leaf = "weight"
+        if clip_model and stem[:2] == ["vision_model", "vision_model"]:
+            stem = stem[1:]
         out[".".join([*stem, leaf])] = np.ascontiguousarray(value)
     return out
 
@@ -70,11 +75,32 @@ def exported_text_type(config: HybridCLIPConfig) -> str:
     with FlaxHybridCLIP's positions (text_position_ids "from_zero") is the equivalent BERT."""
     text = config.text_config
     if text.model_type not in EXPORTABLE_TEXT_TYPES:
-        raise ConfigError(f"a {text.model_type!r} text tower cannot be exported as a VisionTextDualEncoderModel "
+        raise ConfigError(f"a {text.model_type!r} text tower cannot be exported "
                           f"(exported: {', '.join(EXPORTABLE_TEXT_TYPES)})")
+    if text.model_type == "clip_text_model" and config.vision_config.model_type != "clip_vision_model":
+        raise ConfigError(f"a clip_text_model text tower is exported as a CLIPModel, which holds a CLIP vision "
+                          f"tower only, not {config.vision_config.model_type!r}")
     if text.model_type == "roberta" and config.text_position_ids == "from_zero":
         return "bert"
     return text.model_type
+
+
+def _clip_text_config(text: TextConfig, projection_dim: int) -> dict:
+    return {
+        "model_type": "clip_text_model",
+        "vocab_size": text.vocab_size,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "intermediate_size": text.intermediate_size,
+        "hidden_act": text.hidden_act,
+        "attention_dropout": text.attention_probs_dropout_prob,
+        "max_position_embeddings": text.max_position_embeddings,
+        "layer_norm_eps": text.layer_norm_eps,
+        "pad_token_id": text.pad_token_id,
+        "eos_token_id": text.eos_token_id,
+        "projection_dim": projection_dim,
+    }
 
 
 def _text_config(text: TextConfig, model_type: str) -> dict:
@@ -128,20 +154,33 @@ def logit_scale_parameter(config: HybridCLIPConfig, params: dict) -> float:
     return float(np.asarray(params["logit_scale"]))
 
 
+def is_clip_model(config: HybridCLIPConfig) -> bool:
+    """Whether the export is a CLIPModel (a CLIP text tower) rather than a VisionTextDualEncoderModel."""
+    return exported_text_type(config) == "clip_text_model"
+
+
 def hf_config(ckpt: Checkpoint) -> dict:
     config = ckpt.config
-    text = _text_config(config.text_config, exported_text_type(config))
-    exported = {
-        "model_type": "vision-text-dual-encoder",
-        "architectures": ["VisionTextDualEncoderModel"],
-        "text_config": text,
-        "vision_config": _vision_config(config.vision_config, config.projection_dim),
+    text_type = exported_text_type(config)
+    vision = _vision_config(config.vision_config, config.projection_dim)
+    shared = {
         "projection_dim": config.projection_dim,
         "logit_scale_init_value": logit_scale_parameter(config, ckpt.params),
         "dtype": "float32",
         "koclip_fingerprint": ckpt.fingerprint,
     }
-    if text["model_type"] != config.text_config.model_type:
+    if text_type == "clip_text_model":
+        text = _clip_text_config(config.text_config, config.projection_dim)
+        return {"model_type": "clip", "architectures": ["CLIPModel"], "text_config": text,
+                "vision_config": {k: v for k, v in vision.items() if k != "architectures"}, **shared}
+    exported = {
+        "model_type": "vision-text-dual-encoder",
+        "architectures": ["VisionTextDualEncoderModel"],
+        "text_config": _text_config(config.text_config, text_type),
+        "vision_config": vision,
+        **shared,
+    }
+    if text_type != config.text_config.model_type:
         exported["koclip_text_model"] = (f"{config.text_config.model_type} trained with FlaxHybridCLIP's "
                                          "positions 0..L-1, exported as the equivalent bert")
     return exported
@@ -153,7 +192,7 @@ def preprocessor_config(config: HybridCLIPConfig) -> dict:
     "square", ViTImageProcessor (a resize to the square, no crop); then rescale by 1/255, mean/std."""
     size = config.image_size
     shared = {
-        "processor_class": "VisionTextDualEncoderProcessor",
+        "processor_class": "CLIPProcessor" if is_clip_model(config) else "VisionTextDualEncoderProcessor",
         "do_convert_rgb": True,
         "do_resize": True,
         "resample": PIL_RESAMPLE[config.image_resample],
@@ -209,13 +248,13 @@ def _check_destination(dst: str, overwrite: bool) -> None:
 
 def export_transformers(source: str | Checkpoint, dst: str, overwrite: bool = False) -> str:
     """Write `source` (a checkpoint folder or a loaded Checkpoint) to `dst` as a
-    VisionTextDualEncoderModel folder (module docstring); returns dst."""
+    VisionTextDualEncoderModel or CLIPModel folder (module docstring); returns dst."""
     from safetensors.numpy import save
 
     ckpt = load_checkpoint(source) if isinstance(source, str) else source
     config = hf_config(ckpt)  # refuses a tower transformers cannot express before writing anything
     _check_destination(dst, overwrite)
-    tensors = flax_to_torch(ckpt.params)
+    tensors = flax_to_torch(ckpt.params, clip_model=is_clip_model(ckpt.config))
     tensors["logit_scale"] = np.asarray(config["logit_scale_init_value"], dtype=np.float32)
     fs.write_bytes(fs.join(dst, HF_WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
     _copy_tokenizer(ckpt, dst)

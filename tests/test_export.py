@@ -1,4 +1,4 @@
-"""`koclip export`: a checkpoint as a transformers VisionTextDualEncoderModel folder, loaded by
+"""`koclip export`: a checkpoint as a transformers VisionTextDualEncoderModel (or CLIPModel) folder, loaded by
 transformers 5's PyTorch AutoModel / AutoProcessor and compared with our towers on the same inputs."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import io
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -14,7 +15,7 @@ from PIL import Image, ImageDraw
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from koclip.checkpoint import load_checkpoint, save_checkpoint
+from koclip.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from koclip.cli.main import main
 from koclip.errors import ConfigError
 from koclip.export import export_transformers
@@ -33,7 +34,16 @@ CASES = {
         "image_mean": (0.4, 0.5, 0.6), "image_std": (0.2, 0.25, 0.3)}, "BertModel"),
     # FlaxHybridCLIP's positions 0..L-1: the same network as a BERT.
     "roberta-vit-from-zero": ("tiny-roberta-vit", {"text_position_ids": "from_zero"}, "BertModel"),
+    # A CLIP text transformer: a CLIPModel.
+    "cliptext-clip": ("tiny-cliptext-clip", {}, "CLIPTextModel"),
 }
+
+
+def architecture(text_class: str) -> tuple[str, str]:
+    """(the model class, the processor class) transformers should build for an export."""
+    if text_class == "CLIPTextModel":
+        return "CLIPModel", "CLIPProcessor"
+    return "VisionTextDualEncoderModel", "VisionTextDualEncoderProcessor"
 
 
 def photo() -> Image.Image:
@@ -106,9 +116,9 @@ def _max_diff(torch_value, ours) -> float:
     return float(np.abs(torch_value.detach().numpy() - ours).max())
 
 
-def test_transformers_builds_the_dual_encoder_from_every_tensor(exported):
+def test_transformers_builds_the_model_from_every_tensor(exported):
     info, hf = exported["info"], exported["hf"]
-    assert type(hf).__name__ == "VisionTextDualEncoderModel"
+    assert type(hf).__name__ == architecture(exported["text_class"])[0]
     assert type(hf.text_model).__name__ == exported["text_class"]
     vision = exported["model"].config.vision_config.model_type
     assert type(hf.vision_model).__name__ == {"clip_vision_model": "CLIPVisionModel", "vit": "ViTModel"}[vision]
@@ -134,7 +144,7 @@ def test_features_and_logits_match_ours(exported):
 
 def test_exported_processor_gives_our_pixels_and_ids(exported):
     processor = transformers.AutoProcessor.from_pretrained(exported["dst"])
-    assert type(processor).__name__ == "VisionTextDualEncoderProcessor"
+    assert type(processor).__name__ == architecture(exported["text_class"])[1]
     square = exported["model"].config.image_resize_mode == "square"
     assert type(processor.image_processor).__name__.startswith("ViTImageProcessor" if square else "CLIPImageProcessor")
     images = [photo(), photo().rotate(90, expand=True)]
@@ -171,10 +181,15 @@ def test_roberta_from_zero_is_robertas_network_with_positions_0_to_L_minus_1(exp
     assert _max_diff(own_numbering, ours) > 1e-3
 
 
-def test_a_text_tower_transformers_cannot_hold_is_one_line_and_writes_nothing(tiny_ckpt_dir, tmp_path):
-    ckpt = load_checkpoint(tiny_ckpt_dir)
-    ckpt.config.text_config.model_type = "clip_text_model"  # a tower VisionTextDualEncoderModel cannot hold
-    with pytest.raises(ConfigError, match="'clip_text_model' text tower cannot be exported"):
+def test_a_pair_of_towers_transformers_cannot_hold_is_one_line_and_writes_nothing(tmp_path):
+    """A CLIP text tower is exported as a CLIPModel, which has no ViT vision tower."""
+    from koclip.config import tiny_config
+    from koclip.modeling import KoCLIP
+
+    config = tiny_config("clip_text_model", "vit")
+    ckpt = Checkpoint(config, jax.device_get(KoCLIP(config).init(0)))
+    with pytest.raises(ConfigError, match="a clip_text_model text tower is exported as a CLIPModel, which holds "
+                                          "a CLIP vision tower only, not 'vit'"):
         export_transformers(ckpt, str(tmp_path / "dst"))
     assert not (tmp_path / "dst").exists()
 

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_init)
 
     p = sub.add_parser("convert", help="write any loadable checkpoint folder in our format")
-    p.add_argument("src", help="a koclip, FlaxHybridCLIP or transformers VisionTextDualEncoderModel folder")
+    p.add_argument("src", help="a koclip, FlaxHybridCLIP, or transformers VisionTextDualEncoderModel or CLIPModel folder")
     p.add_argument("dst", help="output directory (local or gs://)")
     p.set_defaults(run=cmd_convert)
 
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         export_transformers(args.ckpt, args.dst, overwrite=args.overwrite)
         print(f"wrote {args.dst} (transformers VisionTextDualEncoderModel: AutoModel/AutoProcessor.from_pretrained)")
 
-    p = sub.add_parser("export", help="write a transformers VisionTextDualEncoderModel folder")
+    p = sub.add_parser("export", help="write a transformers VisionTextDualEncoderModel (or, for a CLIP text tower, CLIPModel) folder")
     p.add_argument("ckpt", help="checkpoint directory")
     p.add_argument("dst", help="output folder for transformers' AutoModel/AutoProcessor.from_pretrained")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in DST")
