@@ -85,40 +85,35 @@ def exported_text_type(config: HybridCLIPConfig) -> str:
     return text.model_type
 
 
-def _clip_text_config(text: TextConfig, projection_dim: int) -> dict:
+def _shared_text_fields(text: TextConfig) -> dict:
+    """The text config fields transformers' BERT, RoBERTa and CLIP text configs name alike."""
     return {
-        "model_type": "clip_text_model",
         "vocab_size": text.vocab_size,
         "hidden_size": text.hidden_size,
         "num_hidden_layers": text.num_hidden_layers,
         "num_attention_heads": text.num_attention_heads,
         "intermediate_size": text.intermediate_size,
         "hidden_act": text.hidden_act,
-        "attention_dropout": text.attention_probs_dropout_prob,
         "max_position_embeddings": text.max_position_embeddings,
         "layer_norm_eps": text.layer_norm_eps,
         "pad_token_id": text.pad_token_id,
-        "eos_token_id": text.eos_token_id,
-        "projection_dim": projection_dim,
     }
+
+
+def _clip_text_config(text: TextConfig, projection_dim: int) -> dict:
+    return {"model_type": "clip_text_model", **_shared_text_fields(text),
+            "attention_dropout": text.attention_probs_dropout_prob, "eos_token_id": text.eos_token_id,
+            "projection_dim": projection_dim}
 
 
 def _text_config(text: TextConfig, model_type: str) -> dict:
     return {
         "model_type": model_type,
         "architectures": ["BertModel" if model_type == "bert" else "RobertaModel"],
-        "vocab_size": text.vocab_size,
-        "hidden_size": text.hidden_size,
-        "num_hidden_layers": text.num_hidden_layers,
-        "num_attention_heads": text.num_attention_heads,
-        "intermediate_size": text.intermediate_size,
-        "hidden_act": text.hidden_act,
+        **_shared_text_fields(text),
         "hidden_dropout_prob": text.hidden_dropout_prob,
         "attention_probs_dropout_prob": text.attention_probs_dropout_prob,
-        "max_position_embeddings": text.max_position_embeddings,
         "type_vocab_size": text.type_vocab_size,
-        "layer_norm_eps": text.layer_norm_eps,
-        "pad_token_id": text.pad_token_id,
         "position_embedding_type": "absolute",
     }
 

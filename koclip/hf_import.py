@@ -155,7 +155,7 @@ def import_vision_encoder(hf_dir: str) -> ImportedVision:
     return ImportedVision(vision_config, params, projection, read_preprocessing(hf_dir))
 
 
-# ---------------------------------------------------------------- VisionTextDualEncoderModel
+# ---------------------------------------------------------------- VisionTextDualEncoderModel and CLIPModel
 
 
 def transformers_model_config(folder: str, raw: dict) -> HybridCLIPConfig:

@@ -179,10 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_info)
 
     def cmd_export(args) -> None:
-        from koclip.export import export_transformers
+        from koclip.checkpoint import load_checkpoint
+        from koclip.export import export_transformers, is_clip_model
 
-        export_transformers(args.ckpt, args.dst, overwrite=args.overwrite)
-        print(f"wrote {args.dst} (transformers VisionTextDualEncoderModel: AutoModel/AutoProcessor.from_pretrained)")
+        ckpt = load_checkpoint(args.ckpt)
+        export_transformers(ckpt, args.dst, overwrite=args.overwrite)
+        architecture = "CLIPModel" if is_clip_model(ckpt.config) else "VisionTextDualEncoderModel"
+        print(f"wrote {args.dst} (transformers {architecture}: AutoModel/AutoProcessor.from_pretrained)")
 
     p = sub.add_parser("export", help="write a transformers VisionTextDualEncoderModel (or, for a CLIP text tower, CLIPModel) folder")
     p.add_argument("ckpt", help="checkpoint directory")
