@@ -187,3 +187,24 @@ def assert_matches_torch(ckpt, torch_model) -> dict[str, float]:
     }
     assert all(d <= TOL for d in diffs.values()), diffs
     return diffs
+
+
+ENCODER_TEXTS = ["소파 위에 고양이", "빨간 사과", "a dog's face on the sofa", "고양이"]
+
+
+def assert_encoders_match_torch(ckpt, torch_model, tokenizer_dir: str):
+    """koclip.encoders (what the pipeline, queries and evaluation embed through) on ENCODER_TEXTS,
+    tokenized by the folder's own tokenizer, and on random pixels vs the PyTorch model's normalised
+    features, within TOL. Returns the tokenized batch transformers used."""
+    from koclip.encoders import checkpoint_encoders
+
+    encoders = checkpoint_encoders(ckpt, batch_size=4)
+    batch = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)(ENCODER_TEXTS, padding=True, return_tensors="pt")
+    _, _, pixels = inputs(0)
+    with torch.no_grad():
+        text = torch_model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        image = torch_model.get_image_features(pixel_values=torch.tensor(pixels))
+    normalize = lambda x: torch.nn.functional.normalize(x.pooler_output, dim=-1)
+    assert max_diff(encoders.texts(ENCODER_TEXTS), normalize(text)) <= TOL
+    assert max_diff(encoders.images(pixels.transpose(0, 2, 3, 1)), normalize(image)) <= TOL
+    return batch

@@ -6,11 +6,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 import hf_models
-from hf_models import TOL, assert_matches_torch, inputs, max_diff
+from hf_models import assert_matches_torch
 from koclip import checkpoint
 from koclip.cli.main import main
 from koclip.errors import CheckpointError
@@ -44,26 +42,14 @@ def test_pooling_reads_the_end_of_text_token_not_the_last_or_first(tmp_path):
 def test_encoders_on_a_converted_clip_model_match_transformers(tmp_path, capsys):
     """What the pipeline, queries and evaluation embed through (koclip.encoders), from real
     tokenized Korean text, after `koclip convert` into our format."""
-    from koclip.encoders import checkpoint_encoders
-
     torch_model, src = hf_models.clip_model(tmp_path / "hf")
     dst = str(tmp_path / "ours")
     assert main(["convert", src, dst]) == 0
     converted = checkpoint.load_checkpoint(dst)
     assert converted.fingerprint == checkpoint.load_checkpoint(src).fingerprint
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["text_config"]["model_type"] == "clip_text_model"
-    encoders = checkpoint_encoders(converted, batch_size=4)
-    texts = ["소파 위에 고양이", "빨간 사과", "a dog's face on the sofa", "고양이"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    batch = hf_models.assert_encoders_match_torch(converted, torch_model, src)
     assert (batch["input_ids"] == torch_model.config.text_config.eos_token_id).any(dim=1).all()
-    _, _, pixels = inputs(0)
-    with torch.no_grad():
-        text = torch_model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        image = torch_model.get_image_features(pixel_values=torch.tensor(pixels))
-    normalize = lambda x: torch.nn.functional.normalize(x.pooler_output, dim=-1)
-    assert max_diff(encoders.texts(texts), normalize(text)) <= TOL
-    assert max_diff(encoders.images(pixels.transpose(0, 2, 3, 1)), normalize(image)) <= TOL
     capsys.readouterr()
     assert main(["info", dst]) == 0
     assert "clip_text_model" in capsys.readouterr().out

@@ -70,22 +70,10 @@ def test_convert_round_trip_and_info(tmp_path, capsys):
 
 def test_encoders_on_a_converted_dual_encoder_match_transformers(tmp_path):
     """What the pipeline, queries and evaluation embed through: koclip.encoders."""
-    from koclip.encoders import checkpoint_encoders
-
     torch_model, src = hf_models.dual_encoder(tmp_path / "hf", "bert", "clip")
     dst = str(tmp_path / "ours")
     assert main(["convert", src, dst]) == 0
-    encoders = checkpoint_encoders(checkpoint.load_checkpoint(dst), batch_size=4)
-    texts = ["소파 위에 고양이", "빨간 사과", "a dog's face on the sofa"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    _, _, pixels = inputs(0)
-    with torch.no_grad():
-        text = torch_model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        image = torch_model.get_image_features(pixel_values=torch.tensor(pixels))
-    normalize = lambda x: torch.nn.functional.normalize(x.pooler_output, dim=-1)
-    assert max_diff(encoders.texts(texts), normalize(text)) <= TOL
-    assert max_diff(encoders.images(pixels.transpose(0, 2, 3, 1)), normalize(image)) <= TOL
+    hf_models.assert_encoders_match_torch(checkpoint.load_checkpoint(dst), torch_model, src)
 
 
 def test_bin_without_torch_is_one_line(tmp_path, monkeypatch):
