@@ -12,7 +12,7 @@ import pytest
 
 from koclip.data import Item, cache_dir, read_manifest, write_manifest
 from koclip.errors import ManifestError, UsageError
-from koclip.data import emoji_ko
+from koclip.data import emoji_cldr, emoji_ko
 from koclip.processing import open_image
 
 HANGUL = re.compile("[\uac00-\ud7a3]")
@@ -211,11 +211,34 @@ def test_candidates_have_korean_captions():
     _require_emoji()
     items = emoji_ko.candidates()
     assert len(items) > 3500
-    captions = dict(items)
-    assert captions["🐶"] == "강아지 얼굴"
-    assert captions["🍎"] == "빨간 사과"
-    assert sum(bool(HANGUL.search(c)) for c in captions.values()) / len(captions) > 0.99
-    assert not any(":" in c or "_" in c for c in captions.values())
+    assert dict(items)["🐶"] == "강아지 얼굴"
+    captions = {text: emoji_cldr.captions(text, name) for text, name in items}
+    # The label (the emoji package's Korean name) first, then the CLDR keywords from emojibase-data.
+    assert captions["🐶"] == ("강아지 얼굴", "강아지", "개", "개띠", "동물", "사랑스러운", "애완동물")
+    assert captions["🍎"][0] == "빨간 사과"
+    assert {"사과", "과일", "음식"} <= set(captions["🍎"])
+    assert {"고양이", "동물"} <= set(captions["🐱"]) and captions["🐱"][0] == "고양이 얼굴"
+    assert captions["🇧🇹"] == ("깃발 부탄", "BT", "깃발")  # the CLDR label `깃발: 부탄` normalised is the name
+    # A skin-tone variant has its own label and its base's label and keywords.
+    assert captions["👋🏽"][0] == "흔드는 손 갈색 피부" and {"흔드는 손", "안녕"} <= set(captions["👋🏽"])
+    assert "키 캡" in captions["#️⃣"]  # code points with leading zeros (U+0023) are found too
+    labels = [c[0] for c in captions.values()]
+    assert sum(bool(HANGUL.search(c)) for c in labels) / len(labels) > 0.99
+    assert sum(len(c) > 1 for c in captions.values()) / len(captions) > 0.9  # 93%: some ZWJ variants have none
+    assert all(len(set(c)) == len(c) for c in captions.values())
+    assert not any(":" in c or "_" in c for cs in captions.values() for c in cs)
+
+
+def test_shipped_cldr_table_is_whole_and_licensed():
+    meta, rows = emoji_cldr.table()
+    assert meta["emoji"] == len(rows) > 1900 and "emojibase-data" in meta["source"]
+    assert sum(bool(HANGUL.search(row["label"])) for row in rows.values()) >= len(rows) - 2  # ATM, DNA
+    assert sum(bool(row["tags"]) for row in rows.values()) / len(rows) > 0.98
+    assert rows["1f431"]["label"] == "고양이 얼굴" and "새끼 고양이" in rows["1f431"]["tags"]
+    assert all("fe0f" not in key and not key.startswith("0") for key in rows)
+    licence = os.path.join(os.path.dirname(emoji_cldr.DATA_PATH), "emoji_cldr_ko.LICENSE")
+    assert "MIT License" in open(licence, encoding="utf-8").read()
+    assert emoji_cldr.entry("🫠") is not None and emoji_cldr.entry("x") is None
 
 
 # --- emoji-ko: a small build ----------------------------------------------------------------
@@ -261,7 +284,8 @@ def test_small_build_captions_are_the_korean_names(small_build):
     out, _ = small_build
     names = dict(emoji_ko.candidates())
     for record in read_manifest(os.path.join(out, "manifest.jsonl")):
-        assert record.captions == (names[record.extra["emoji"]],)
+        text = record.extra["emoji"]
+        assert record.captions == emoji_cldr.captions(text, names[text]) and record.captions[0] == names[text]
         assert HANGUL.search(record.captions[0]), record
         assert record.id == emoji_ko.emoji_id(record.extra["emoji"])
 

@@ -1,9 +1,11 @@
-"""emoji-ko: every fully-qualified emoji drawn with Noto Color Emoji, captioned with its Korean name.
+"""emoji-ko: every fully-qualified emoji drawn with Noto Color Emoji, with several Korean captions.
 
-Sources (both offline):
-- captions: the PyPI `emoji` package's Korean (CLDR) names, `:강아지_얼굴:` -> `강아지 얼굴`. The
-  package has one Korean name per emoji and no Korean aliases, so each record has exactly one
-  caption (English names and aliases are deliberately not used).
+Sources (all offline):
+- captions: first the PyPI `emoji` package's Korean (CLDR) name, `:강아지_얼굴:` -> `강아지 얼굴`
+  (the label: zero-shot and the test split's label queries use it); then, from the shipped
+  CLDR table (koclip.data.emoji_cldr, derived from npm's emojibase-data), the CLDR label where
+  it differs and the Korean keywords: 🐶 `강아지 얼굴`, `강아지`, `개`, `개띠`, `동물`, `사랑스러운`,
+  `애완동물`. Training samples one caption per step. English names are deliberately not used.
 - images: Debian's `fonts-noto-color-emoji` (a CBDT bitmap font whose only strike is size 109;
   each glyph is a 136x128 bitmap). The glyph cell is drawn with Pillow (`embedded_color=True`,
   libraqm layout so ZWJ, skin-tone, keycap and flag sequences become one glyph), composited
@@ -63,6 +65,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from koclip.cli import ArgumentParser, run_cli
 from koclip.data import cache_dir
+from koclip.data import emoji_cldr
 from koclip.data.emoji_groups import caption_of, emoji_id, group_key, split_of
 from koclip.data.manifest import SPLITS, Item, read_manifest, write_manifest
 from koclip.errors import MissingDependency, UsageError
@@ -71,7 +74,7 @@ FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 FONT_SIZE = 109  # the only bitmap strike of Noto Color Emoji
 CELL = (136, 128)  # Noto Color Emoji's glyph bitmap, width x height
 DEFAULT_SIZE = 128
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: several captions per emoji (CLDR keywords)
 SKIP_REASONS = ("missing_glyph", "not_one_glyph", "blank")
 
 FONT_INSTALL = "apt-get install fonts-noto-color-emoji"
@@ -89,7 +92,7 @@ def _import_emoji():
 
 
 def candidates() -> list[tuple[str, str]]:
-    """(emoji, Korean caption) for every fully-qualified emoji with a Korean name, in id order."""
+    """(emoji, Korean name) for every fully-qualified emoji with a Korean name, in id order."""
     emoji = _import_emoji()
     emoji.config.load_language("ko")
     fully = emoji.STATUS["fully_qualified"]
@@ -219,13 +222,13 @@ def build_emoji_ko(out: str | None = None, size: int = DEFAULT_SIZE, limit: int 
             results = list(_progress(pool.map(_render_to_file, jobs, chunksize=64), progress, total=len(jobs)))
 
     records, skipped = [], Counter()
-    for (text, caption), reason in zip(items, results):
+    for (text, name), reason in zip(items, results):
         if reason is not None:
             skipped[reason] += 1
             continue
         group = group_key(text)
         rid = emoji_id(text)
-        records.append(Item(rid, f"images/{rid}.png", (caption,), split_of(group), group, extra={"emoji": text}))
+        records.append(Item(rid, f"images/{rid}.png", emoji_cldr.captions(text, name), split_of(group), group, extra={"emoji": text}))
 
     keep = {f"{r.id}.png" for r in records}
     for name in os.listdir(images_dir):  # images of an earlier, larger or different build
@@ -241,10 +244,13 @@ def build_emoji_ko(out: str | None = None, size: int = DEFAULT_SIZE, limit: int 
         "size": size,
         "limit": limit,
         "emoji_package": emoji_package_version(),
+        "cldr_keywords": emoji_cldr.source(),
         "font": {"path": font_path, "bytes": os.path.getsize(font_path)},
         "counts": {
             "candidates": len(items),
             "rendered": len(records),
+            "captions": sum(len(r.captions) for r in records),
+            "with_cldr_keywords": sum(len(r.captions) > 1 for r in records),
             "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
             "splits": {s: per_split.get(s, 0) for s in SPLITS},
             "groups": len({r.group for r in records}),
@@ -305,6 +311,7 @@ def format_counts(info: dict) -> str:
         + (f", limit {info['limit']}" if info["limit"] is not None else "") + ")",
         f"candidates:  {c['candidates']} fully-qualified emoji with a Korean name",
         f"rendered:    {c['rendered']}",
+        f"captions:    {c['captions']} ({c['with_cldr_keywords']} emoji with CLDR keywords)",
         f"skipped:     {skipped} (" + ", ".join(f"{k} {v}" for k, v in c["skipped"].items()) + ")",
         "splits:      " + ", ".join(f"{s} {c['splits'][s]}" for s in SPLITS)
         + "  (records)",
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m koclip.data.emoji_ko",
         description="Build the emoji-ko dataset: fully-qualified emoji drawn with Noto Color Emoji, "
-                    "captioned with their Korean names, split train/val/test by emoji group.")
+                    "captioned with their Korean names and CLDR keywords, split train/val/test by emoji group.")
     parser.add_argument("out", nargs="?", default=None, help=f"output folder (default: {default_out()})")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in px (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None, metavar="N",
