@@ -25,6 +25,8 @@ DEMO = ["emoji>=2.14", "konlpy>=0.6"] + TRAIN
 # `build` makes the sdist that --setup_file stages for Dataflow workers.
 GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77", "build>=1.2"] + PIPELINE
 APP = ["streamlit>=1.50"]
+# The query service (koclip.serve): Starlette on uvicorn.
+SERVE = ["starlette>=0.47", "uvicorn>=0.35"]
 DEV = [
     "pytest>=8",
     # CPU build from the local wheel; an unpinned torch pulls a multi-GB CUDA build.
@@ -36,6 +38,12 @@ DEV = [
     "pandas>=2.2",
     # Browser tests drive Debian's chromium (apt); playwright's own browser download is not used.
     "playwright>=1.50",
+    # The field's dataset and index tools the tests run against. img2dataset, clip-retrieval and
+    # autofaiss come from requirements-nodeps.txt (their own pins would downgrade numpy/pandas).
+    "webdataset>=0.2.100",
+    "embedding-reader>=1.8",
+    "requests>=2.32",
+    "httpx>=0.28",
 ]
 
 setup(
@@ -46,7 +54,7 @@ setup(
     packages=find_packages(include=["koclip", "koclip.*", "pipelines", "pipelines.*", "jobs", "jobs.*"]),
     package_data={"koclip.data": ["vocab/*/*.json", "emoji_cldr_ko.jsonl", "emoji_cldr_ko.LICENSE"]},
     install_requires=CORE,
-    extras_require={"train": TRAIN, "pipeline": PIPELINE, "gcs": GCS, "demo": DEMO, "app": APP,
-                    "dev": DEV + DEMO + PIPELINE + GCS + APP},
+    extras_require={"train": TRAIN, "pipeline": PIPELINE, "gcs": GCS, "demo": DEMO, "app": APP, "serve": SERVE,
+                    "dev": DEV + DEMO + PIPELINE + GCS + APP + SERVE},
     entry_points={"console_scripts": ["koclip=koclip.cli.main:main"]},
 )
