@@ -207,7 +207,8 @@ def embed_queries(items: list, model, dim: int) -> np.ndarray:
     return out
 
 
-def search(query, k: int = 10, index=None, model=None):
+def search(query, k: int | None = 10, index=None, model=None, min_score: float | None = None,
+           dedup: float | None = None):
     """The k items nearest to `query`, best first, as Hits; a list of hit lists for a batch.
 
     query: a str (text), a pathlib.Path / bytes / PIL image (image), a numpy vector [D], or a
@@ -215,10 +216,22 @@ def search(query, k: int = 10, index=None, model=None):
     index: an index path (default: the demo index) or a loaded index (koclip.index.load_index).
     model: a checkpoint path (default: the demo model), a QueryModel or a Checkpoint. Not
         loaded when every query is a vector. Its fingerprint must be the index's.
+    min_score: a range search: every item whose score is >= min_score (k is then a cap, or None
+        for all of them), through faiss's range_search where the index has one, else a k search
+        widened until its last score falls below min_score.
+    dedup: drop near-duplicates as clip-retrieval's clip_back does (it uses 0.94): hits whose
+        vectors' cosine similarity is >= dedup are linked, and of each connected group only the
+        best-ranked hit is kept. The vectors are reconstructed from the index (approximate for
+        quantised kinds). It filters the hits found, so fewer than k may come back.
     Fewer than k hits come back when the index holds fewer than k items.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise QueryError(f"k must be a positive integer, got {k!r}")
+    if not (k is None and min_score is not None):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise QueryError(f"k must be a positive integer (or None with min_score), got {k!r}")
+    for name, value in (("min_score", min_score), ("dedup", dedup)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.floating))
+                                  or not np.isfinite(value)):
+            raise QueryError(f"{name} must be a finite number, got {value!r}")
     items, single = _as_batch(query)
     if not items:
         return []
@@ -232,15 +245,123 @@ def search(query, k: int = 10, index=None, model=None):
         return loaded[0]
 
     vectors = embed_queries(items, get_model, int(idx.dim))
-    scores, rows = idx.search(vectors, int(k))
-    results = []
-    for query_scores, query_rows in zip(np.asarray(scores), np.asarray(rows)):
-        found = query_rows >= 0
-        records = idx.records(query_rows[found])
-        results.append([Hit(rank, float(score), str(r["id"]), str(r["uri"]), list(r["captions"] or []),
-                            str(r.get("item_id") or r["id"]))
-                        for rank, (score, r) in enumerate(zip(query_scores[found], records), start=1)])
+    results = [_hits(idx, query_scores, query_rows)
+               for query_scores, query_rows in search_rows(idx, vectors, k, min_score, dedup)]
     return results[0] if single else results
+
+
+def _hits(idx, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+    records = idx.records(rows)
+    return [Hit(rank, float(score), str(r["id"]), str(r["uri"]), list(r["captions"] or []),
+                str(r.get("item_id") or r["id"]))
+            for rank, (score, r) in enumerate(zip(scores, records), start=1)]
+
+
+def search_rows(idx, vectors: np.ndarray, k: int | None = 10, min_score: float | None = None,
+                dedup: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """search() on normalised float32 [N, D] vectors, as (scores, row numbers) per query, best
+    first, no -1 rows (the service calls this with the vectors it embedded in a batch)."""
+    if min_score is None:
+        scores, rows = idx.search(vectors, int(k))
+        found = [(s[r >= 0], r[r >= 0]) for s, r in zip(np.asarray(scores), np.asarray(rows))]
+    else:
+        found = range_rows(idx, vectors, float(min_score), k)
+    if dedup is not None:
+        found = [(s[keep], r[keep]) for s, r in found
+                 for keep in [dedup_keep(hit_vectors(idx, r), float(dedup))]]
+    return found
+
+
+def range_rows(idx, vectors: np.ndarray, min_score: float, cap: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query, every row scoring >= min_score (at most `cap`, the best ones), best first."""
+    queries = np.ascontiguousarray(vectors, dtype=np.float32)
+    # faiss keeps scores strictly above the radius: ask for just below min_score, then keep >=
+    radius = float(np.nextafter(np.float32(min_score), np.float32(-np.inf)))
+    if not has_range_search(idx.faiss):
+        return widening_range_rows(idx, queries, min_score, cap)
+    limits, scores, rows = idx.faiss.range_search(queries, radius)
+    out = []
+    for i in range(len(queries)):
+        s, r = scores[limits[i]:limits[i + 1]], rows[limits[i]:limits[i + 1]].astype(np.int64)
+        keep = s >= min_score
+        s, r = s[keep], r[keep]
+        order = np.lexsort((r, -s))[:cap]  # best first; ties by row, as a k search orders them
+        out.append((s[order].astype(np.float32), r[order]))
+    return out
+
+
+def has_range_search(index) -> bool:
+    """Whether faiss's range_search answers for this index as its k search does: flat, HNSW and
+    IVF do (behind an OPQ transform too); IndexRefine (ivfpq re-ranked) returns nothing."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    return isinstance(index, (faiss.IndexFlat, faiss.IndexHNSW, faiss.IndexIVF))
+
+
+def widening_range_rows(idx, queries: np.ndarray, min_score: float,
+                        cap: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """range_rows by k searches: k grows 4x until the k-th score is below min_score, the index
+    is exhausted or `cap` rows are found."""
+    total = len(idx)
+    out = []
+    for query in queries:
+        k = min(total, cap or 64, 64) if total else 1
+        while True:
+            scores, rows = idx.search(query[None], max(1, k))
+            s, r = scores[0], rows[0]
+            valid = r >= 0
+            complete = (not valid.all() or k >= total or (cap is not None and k >= cap)
+                        or s[-1] < min_score)
+            if complete:
+                keep = valid & (s >= min_score)
+                out.append((s[keep][:cap], r[keep][:cap]))
+                break
+            k = min(total, k * 4, cap if cap is not None else total)
+    return out
+
+
+def hit_vectors(idx, rows: np.ndarray) -> np.ndarray:
+    """The L2-normalised vectors of `rows`, reconstructed from the faiss index (an IVF index gets
+    its direct map made once, on first use)."""
+    import faiss
+
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return np.zeros((0, int(idx.dim)), np.float32)
+    try:
+        vectors = idx.faiss.reconstruct_batch(rows)
+    except RuntimeError:
+        ivf = faiss.try_extract_index_ivf(idx.faiss)
+        if ivf is None:
+            raise
+        ivf.make_direct_map()
+        vectors = idx.faiss.reconstruct_batch(rows)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.where(norms > 0, norms, 1)).astype(np.float32)
+
+
+def dedup_keep(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """A bool mask over hits in rank order: True for the best-ranked hit of each group of hits
+    linked by similarity >= threshold (clip_back's connected components)."""
+    n = len(vectors)
+    linked = (vectors @ vectors.T) >= threshold
+    keep = np.zeros(n, dtype=bool)
+    seen = np.zeros(n, dtype=bool)
+    for first in range(n):  # each unseen hit starts a group: it is the best-ranked of it
+        if seen[first]:
+            continue
+        keep[first] = True
+        stack = [first]
+        seen[first] = True
+        while stack:
+            node = stack.pop()
+            fresh = np.flatnonzero(linked[node] & ~seen)
+            seen[fresh] = True
+            stack.extend(fresh.tolist())
+    return keep
 
 
 # ---------------------------------------------------------------- classify and patches
