@@ -52,7 +52,7 @@ setup(
     description="Offline embedding, FAISS indexing and search for Korean CLIP (KoCLIP) models",
     python_requires=">=3.10",
     packages=find_packages(include=["koclip", "koclip.*", "pipelines", "pipelines.*", "jobs", "jobs.*"]),
-    package_data={"koclip.data": ["vocab/*/*.json", "emoji_cldr_ko.jsonl", "emoji_cldr_ko.LICENSE"]},
+    package_data={"koclip.data": ["vocab/*/*.json", "emoji_cldr_ko.jsonl", "emoji_cldr_ko.LICENSE", "common_queries_ko.txt"]},
     install_requires=CORE,
     extras_require={"train": TRAIN, "pipeline": PIPELINE, "gcs": GCS, "demo": DEMO, "app": APP, "serve": SERVE,
                     "dev": DEV + DEMO + PIPELINE + GCS + APP + SERVE},

@@ -1,11 +1,13 @@
 """Evaluate a checkpoint on one split of a manifest: text-image retrieval and zero-shot accuracy.
 
   python -m jobs.evaluate --checkpoint DIR --manifest PATH [--split test] [--out results.json]
+  python -m jobs.evaluate --checkpoint DIR --manifest PATH --queries [FILE] --out docs/results/queries.json
 
 Every image of the split and every distinct caption is embedded (images padded to one batch
 shape, captions to the config's length buckets). Then, with cosine similarity:
   text -> image   each distinct caption is a query; the images carrying it are relevant.
-                  MRR@k and recall@k.
+                  MRR@k and recall@k; `t2i_label_*` the same over the labels only (the
+                  distinct first captions: for emoji-ko the emoji's name, not its keywords).
   image -> text   each image is a query; its captions are relevant. Recall@k.
   zero-shot       labels are the distinct first captions of the split's images, prompts
                   template.format(label); an image's correct label is its own first caption
@@ -16,6 +18,12 @@ embedded images, and the model's multiple of it, are reported beside.
 Images that fail to decode are skipped, counted and listed in the output, never fatal; captions
 of skipped images are not queries. Prints a table and writes JSON. `evaluate()` is the same
 thing as a function, used by the training job for its per-epoch eval.
+
+The query report (`--queries`, `query_report()`): for a list of everyday queries (default the
+committed koclip/data/common_queries_ko.txt), the rank of each query's first correct image over
+every image of the split (default all: the whole demo index), top-1/top-5 hit rates and the top
+results. An image is correct for a query when the query is one of its captions, so for emoji-ko
+the CLDR data decides, not a hand-made answer key.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -105,7 +114,7 @@ def evaluate(checkpoint, records: Sequence, *, batch_size: int = 32, template: s
     Returns {"metrics": {name: float}, "counts": {...}, "skipped": [{id, image, reason, message}],
     "checkpoint", "fingerprint", "template", "ks", "zero_shot_ks", "dtype", "batch_size",
     "compiles", "elapsed_seconds"}. Metric names: t2i_mrr@k, t2i_recall@k, i2t_recall@k,
-    zeroshot_acc@k, t2i_mrr@10_random, t2i_mrr@10_vs_random.
+    t2i_label_mrr@k, t2i_label_recall@k, zeroshot_acc@k, t2i_mrr@10_random, t2i_mrr@10_vs_random.
     """
     from koclip.checkpoint import Checkpoint, load_checkpoint
     from koclip.processing import ImagePreprocessor
@@ -148,6 +157,7 @@ def evaluate(checkpoint, records: Sequence, *, batch_size: int = 32, template: s
     prompt_emb = np.asarray(encoders.texts(prompts(template, labels)), dtype=np.float32)
 
     t2i = metrics.first_relevant_ranks(metrics.DotProductSimilarity(text_emb, image_emb), caption_images)
+    t2i_label = t2i[[caption_index[label] for label in labels]]  # the labels are captions too
     i2t = metrics.first_relevant_ranks(metrics.DotProductSimilarity(image_emb, text_emb), image_captions)
     zero_shot = metrics.first_relevant_ranks(metrics.DotProductSimilarity(image_emb, prompt_emb), image_labels)
 
@@ -156,6 +166,10 @@ def evaluate(checkpoint, records: Sequence, *, batch_size: int = 32, template: s
         results[f"t2i_mrr@{k}"] = metrics.mrr_from_ranks(t2i, k)
     for k in ks:
         results[f"t2i_recall@{k}"] = metrics.recall_from_ranks(t2i, k)
+    for k in ks:
+        results[f"t2i_label_mrr@{k}"] = metrics.mrr_from_ranks(t2i_label, k)
+    for k in ks:
+        results[f"t2i_label_recall@{k}"] = metrics.recall_from_ranks(t2i_label, k)
     for k in ks:
         results[f"i2t_recall@{k}"] = metrics.recall_from_ranks(i2t, k)
     for k in zero_shot_ks:
@@ -192,6 +206,139 @@ def evaluate(checkpoint, records: Sequence, *, batch_size: int = 32, template: s
     }
 
 
+# ---------------------------------------------------------------- query report
+
+
+def default_queries_path() -> str:
+    """The committed list of common Korean queries (koclip/data/common_queries_ko.txt)."""
+    import os
+
+    import koclip.data
+
+    return os.path.join(os.path.dirname(koclip.data.__file__), "common_queries_ko.txt")
+
+
+def read_queries(path: str) -> list[tuple[str, str]]:
+    """(category, query) per line of a query list: `# category: NAME` starts a category, other
+    `#` lines are comments, blank lines are skipped; a repeated query is an error."""
+    from koclip import fs
+
+    text = fs.read_bytes(path).decode("utf-8")  # a missing file: NotFoundError, one line
+    category, out, seen = "", [], set()
+    for line in text.splitlines():
+        line = " ".join(line.split())
+        if line.startswith("# category:"):
+            category = line.partition(":")[2].strip()
+        elif line and not line.startswith("#"):
+            if line in seen:
+                raise EvaluationError(f"query {line!r} is listed twice in {path}")
+            seen.add(line)
+            out.append((category, line))
+    if not out:
+        raise EvaluationError(f"query list {path} has no queries")
+    return out
+
+
+def correct_images(query: str, records: Sequence) -> list[int]:
+    """Positions of the records for which `query` is correct: it is one of their captions.
+
+    For emoji-ko a record's captions are its Korean name, CLDR label and CLDR keywords
+    (koclip.data.emoji_cldr), so what counts as correct comes from the CLDR data alone.
+    """
+    query = " ".join(query.split())
+    return [i for i, record in enumerate(records) if query in record.captions]
+
+
+def _check_answerable(queries, records) -> list[list[int]]:
+    correct = [correct_images(query, records) for _, query in queries]
+    unanswerable = [query for (_, query), found in zip(queries, correct) if not found]
+    if unanswerable:
+        raise EvaluationError(f"{len(unanswerable)} queries have no correct image among the {len(records)} "
+                              f"images: {', '.join(unanswerable[:5])}")
+    return correct
+
+
+def query_report(checkpoint, records: Sequence, queries: Sequence[tuple[str, str]], *, batch_size: int = 32,
+                 top: int = 5, dtype: str = "float32", encoders: Encoders | None = None,
+                 progress: bool = False) -> dict:
+    """For each (category, query): the rank of its first correct image among all `records`, and
+    the top results; top-1/top-5 hit rates and MRR@10 over the queries.
+
+    Ranks are over every decodable image with exact cosine similarity (what a flat index
+    answers), ties pessimistic as in koclip.metrics. A query with no correct image among the
+    records is an EvaluationError: the list must be answerable from the data.
+    """
+    from koclip.checkpoint import Checkpoint, load_checkpoint
+    from koclip.processing import ImagePreprocessor
+
+    started = time.perf_counter()
+    records = list(records)
+    if not records:
+        raise EvaluationError("there are no records to rank")
+    _check_answerable(queries, records)  # before the images are embedded; again after, over the decoded ones
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if encoders is None:
+        encoders = checkpoint_encoders(ckpt, batch_size, dtype)
+    image_emb, kept, skipped = _embed_images(records, ImagePreprocessor.from_config(ckpt.config), encoders.images,
+                                             batch_size, progress)
+    if not kept:
+        raise EvaluationError(f"none of the {len(records)} images could be decoded")
+    images = [records[i] for i in kept]
+    correct = _check_answerable(queries, images)
+    query_emb = np.asarray(encoders.texts([query for _, query in queries]), dtype=np.float32)
+    sim = metrics.DotProductSimilarity(query_emb, image_emb)
+    ranks = metrics.first_relevant_ranks(sim, correct)
+    top = min(top, len(images))
+    rows = []
+    for q, ((category, query), found) in enumerate(zip(queries, correct)):
+        scores = sim[q:q + 1][0]
+        best = np.argsort(-scores, kind="stable")[:top]
+        found_set = set(found)
+        rows.append({
+            "query": query, "category": category, "rank": int(ranks[q]), "correct_images": len(found),
+            "correct_by_split": dict(sorted(Counter(str(images[i].split) for i in found).items())),
+            "top": [{"id": images[i].id, "label": images[i].captions[0], "emoji": images[i].extra.get("emoji"),
+                     "score": round(float(scores[i]), 4), "correct": int(i) in found_set} for i in best],
+        })
+    summary = {
+        "queries": len(queries),
+        "images": len(images),
+        "top1_hit_rate": metrics.recall_from_ranks(ranks, 1),
+        "top5_hit_rate": metrics.recall_from_ranks(ranks, 5),
+        "mrr@10": metrics.mrr_from_ranks(ranks, 10),
+        "median_rank": float(np.median(ranks)),
+    }
+    categories = {}
+    for category in dict.fromkeys(c for c, _ in queries):
+        mine = np.array([rank for (c, _), rank in zip(queries, ranks) if c == category])
+        categories[category] = {"queries": len(mine), "top1_hit_rate": metrics.recall_from_ranks(mine, 1),
+                                "top5_hit_rate": metrics.recall_from_ranks(mine, 5)}
+    return {
+        "summary": summary, "categories": categories, "queries": rows, "skipped": skipped,
+        "rule": "an image is correct for a query when the query is one of its captions "
+                "(emoji-ko: Korean name, CLDR label, CLDR keywords)",
+        "checkpoint": ckpt.path, "fingerprint": ckpt.fingerprint, "dtype": dtype,
+        "elapsed_seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def format_query_report(report: dict) -> str:
+    """Markdown: the summary, per category, then one row per query with its top results."""
+    s = report["summary"]
+    lines = [f"{s['queries']} queries over {s['images']} images: top-1 hit rate **{s['top1_hit_rate']:.1%}**, "
+             f"top-5 hit rate **{s['top5_hit_rate']:.1%}**, MRR@10 {s['mrr@10']:.3f}, median rank "
+             f"{s['median_rank']:g}.", "",
+             "| category | queries | top-1 | top-5 |", "|---|---|---|---|"]
+    for name, c in report["categories"].items():
+        lines.append(f"| {name or '-'} | {c['queries']} | {c['top1_hit_rate']:.0%} | {c['top5_hit_rate']:.0%} |")
+    lines += ["", "Correct: " + report["rule"] + ". ✓ marks a correct result.", "",
+              "| query | rank of first correct | correct images | top results |", "|---|---|---|---|"]
+    for row in report["queries"]:
+        shown = ", ".join(f"{t['emoji'] or ''} {t['label']}{' ✓' if t['correct'] else ''}".strip() for t in row["top"])
+        lines.append(f"| {row['query']} | {row['rank']} | {row['correct_images']} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -203,6 +350,7 @@ def _metric_label(name: str) -> str:
         return f"random-ranking MRR@{k[:-len('_random')]}"
     return {
         "t2i_mrr": "text→image MRR", "t2i_recall": "text→image recall",
+        "t2i_label_mrr": "text→image MRR, label queries", "t2i_label_recall": "text→image recall, label queries",
         "i2t_recall": "image→text recall", "zeroshot_acc": "zero-shot accuracy",
     }.get(kind, kind) + f"@{k}"
 
@@ -236,8 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (local or gs://)")
     parser.add_argument("--manifest", required=True, help="manifest JSONL (local or gs://)")
-    parser.add_argument("--split", default="test", choices=[*SPLITS, "all"],
-                        help="split to evaluate; 'all' for every record (default: test)")
+    parser.add_argument("--split", default=None, choices=[*SPLITS, "all"],
+                        help="split to evaluate; 'all' for every record (default: test; with --queries: all)")
+    parser.add_argument("--queries", nargs="?", const=default_queries_path(), default=None, metavar="FILE",
+                        help="write the query report instead: each query's rank of its first correct image "
+                             "over the split's images (default list: koclip/data/common_queries_ko.txt); "
+                             "JSON to --out, Markdown beside it (.md)")
     parser.add_argument("--batch-size", type=int, default=32, help="fixed encoder batch size (default: 32)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE,
                         help=f"zero-shot prompt, '{{}}' is the label (default: {DEFAULT_TEMPLATE!r})")
@@ -258,14 +410,28 @@ def main(argv=None) -> int:
 
     def run():
         require_dir(args.checkpoint)
-        split = None if args.split == "all" else args.split
-        records = read_manifest(args.manifest, split=split)
+        split_name = args.split or ("all" if args.queries else "test")
+        queries = read_queries(args.queries) if args.queries else None
+        records = read_manifest(args.manifest, split=None if split_name == "all" else split_name)
         if not records:
-            raise EvaluationError(f"no records in split {args.split!r} of {args.manifest}")
+            raise EvaluationError(f"no records in split {split_name!r} of {args.manifest}")
         ckpt = load_checkpoint(args.checkpoint)
+        if queries is not None:
+            report = query_report(ckpt, records, queries, batch_size=args.batch_size, dtype=args.dtype,
+                                  progress=not args.no_progress and sys.stderr.isatty())
+            report = {"manifest": args.manifest, "split": split_name, "query_list": args.queries, **report}
+            text = format_query_report(report)
+            print(text, end="")
+            _write_json(args.out, report)
+            markdown = (args.out[:-len(".json")] if args.out.endswith(".json") else args.out) + ".md"
+            from koclip import fs
+
+            fs.write_bytes(markdown, text.encode("utf-8"))
+            print(f"wrote {args.out} and {markdown}")
+            return
         result = evaluate(ckpt, records, batch_size=args.batch_size, template=args.template, ks=args.k,
                           dtype=args.dtype, progress=not args.no_progress and sys.stderr.isatty())
-        result = {"manifest": args.manifest, "split": args.split, **result}
+        result = {"manifest": args.manifest, "split": split_name, **result}
         print(format_table(result))
         _write_json(args.out, result)
         print(f"wrote {args.out}")

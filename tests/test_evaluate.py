@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from koclip.errors import QueryError
-from jobs.evaluate import DEFAULT_TEMPLATE, Encoders, EvaluationError, evaluate, main
+from jobs.evaluate import (DEFAULT_TEMPLATE, Encoders, EvaluationError, correct_images, default_queries_path,
+                           evaluate, format_query_report, main, query_report, read_queries)
 from koclip.checkpoint import load_checkpoint
 from koclip.data.manifest import read_manifest
 from koclip.metrics import random_mrr_at_k
@@ -96,7 +97,8 @@ def test_counts_add_up_and_bad_images_are_listed(tiny_result, records):
 def test_metrics_are_fractions_and_shapes_stay_fixed(tiny_result, tiny_ckpt_dir):
     m = tiny_result["metrics"]
     expected = {f"t2i_mrr@{k}" for k in (1, 5, 10)} | {f"t2i_recall@{k}" for k in (1, 5, 10)} | {
-        f"i2t_recall@{k}" for k in (1, 5, 10)} | {"zeroshot_acc@1", "zeroshot_acc@5"}
+        f"i2t_recall@{k}" for k in (1, 5, 10)} | {"zeroshot_acc@1", "zeroshot_acc@5"} | {
+        f"t2i_label_{name}@{k}" for name in ("mrr", "recall") for k in (1, 5, 10)}
     assert expected <= set(m)
     for name in expected:
         assert 0.0 <= m[name] <= 1.0, name
@@ -147,7 +149,8 @@ def test_perfect_encoders_give_perfect_scores(tiny_ckpt_dir, records, dataset):
     result = evaluate(ckpt, records, batch_size=5, template=template,
                       encoders=_known_encoders(dataset[1], ckpt.config, template))
     m = result["metrics"]
-    for name in ("t2i_mrr@1", "t2i_mrr@10", "t2i_recall@1", "i2t_recall@1", "zeroshot_acc@1"):
+    for name in ("t2i_mrr@1", "t2i_mrr@10", "t2i_label_mrr@1", "t2i_label_recall@1", "t2i_recall@1",
+                 "i2t_recall@1", "zeroshot_acc@1"):
         assert m[name] == 1.0, name
     assert m["t2i_mrr@10_vs_random"] == pytest.approx(1.0 / random_mrr_at_k(N_GOOD, 10))
     assert result["counts"]["images_skipped"] == 2
@@ -158,7 +161,7 @@ def test_opposite_encoders_score_zero(tiny_ckpt_dir, records, dataset):
     ckpt = load_checkpoint(tiny_ckpt_dir)
     result = evaluate(ckpt, records, encoders=_known_encoders(dataset[1], ckpt.config, DEFAULT_TEMPLATE, sign=-1.0))
     m = result["metrics"]
-    for name in ("t2i_mrr@10", "t2i_recall@10", "i2t_recall@10", "zeroshot_acc@5"):
+    for name in ("t2i_mrr@10", "t2i_label_mrr@10", "t2i_recall@10", "i2t_recall@10", "zeroshot_acc@5"):
         assert m[name] == 0.0, name
 
 
@@ -222,3 +225,80 @@ def test_help_runs_as_a_module():
                           timeout=60)
     assert done.returncode == 0
     assert "--checkpoint" in done.stdout and "--template" in done.stdout
+
+
+# ---------------------------------------------------------------- query report
+
+
+def test_an_image_is_correct_for_a_query_that_is_one_of_its_captions(records):
+    positions = {records[i].id: i for i in range(len(records))}
+    assert correct_images("나뭇잎", records) == [positions["img07"]]  # a second caption counts
+    assert correct_images("웃는  얼굴", records) == [positions["img10"], positions["img11"]]  # spaces normalised
+    assert correct_images("얼굴", records) == []  # a word inside a caption is not the caption
+
+
+def test_query_report_ranks_the_first_correct_image(tiny_ckpt_dir, records, dataset):
+    ckpt = load_checkpoint(tiny_ckpt_dir)
+    perfect = _known_encoders(dataset[1], ckpt.config, DEFAULT_TEMPLATE)
+    # "빨간 사과" is sent between img02 (closer) and its own img00: rank 2, top-5 but not top-1.
+    misled = Encoders(images=perfect.images, texts=lambda strings: np.array(
+        [np.eye(16, dtype=np.float32)[2] * 0.8 + np.eye(16, dtype=np.float32)[0] * 0.6 if s == "빨간 사과"
+         else perfect.texts([s])[0] for s in strings]))
+    queries = [("food", "빨간 사과"), ("faces", "웃는 얼굴"), ("plants", "나뭇잎")]
+    report = query_report(ckpt, records, queries, encoders=misled, top=3)
+    by_query = {row["query"]: row for row in report["queries"]}
+    assert [by_query[q]["rank"] for _, q in queries] == [2, 1, 1]
+    assert [t["id"] for t in by_query["빨간 사과"]["top"][:2]] == ["img02", "img00"]
+    assert [t["correct"] for t in by_query["빨간 사과"]["top"][:2]] == [False, True]
+    assert by_query["웃는 얼굴"]["correct_images"] == 2 and by_query["웃는 얼굴"]["correct_by_split"] == {"test": 2}
+    s = report["summary"]
+    assert s["queries"] == 3 and s["images"] == N_GOOD  # the two broken images are skipped, listed
+    assert s["top1_hit_rate"] == pytest.approx(2 / 3) and s["top5_hit_rate"] == 1.0
+    assert s["mrr@10"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert report["categories"]["food"] == {"queries": 1, "top1_hit_rate": 0.0, "top5_hit_rate": 1.0}
+    assert {x["id"] for x in report["skipped"]} == {"broken", "gone"}
+    table = format_query_report(report)
+    assert "| 빨간 사과 | 2 | 1 |" in table and "top-5 hit rate **100.0%**" in table
+
+
+def test_query_without_a_correct_image_is_refused(tiny_ckpt_dir, records):
+    with pytest.raises(EvaluationError, match="no correct image.*고양이"):
+        query_report(tiny_ckpt_dir, records, [("", "비행기"), ("", "고양이")])
+
+
+def test_query_list_parsing(tmp_path):
+    path = tmp_path / "q.txt"
+    path.write_text("# a comment\n# category: 동물\n고양이\n\n  강아지   얼굴 \n# category: 음식\n피자\n", encoding="utf-8")
+    assert read_queries(str(path)) == [("동물", "고양이"), ("동물", "강아지 얼굴"), ("음식", "피자")]
+    path.write_text("고양이\n고양이\n", encoding="utf-8")
+    with pytest.raises(EvaluationError, match="twice"):
+        read_queries(str(path))
+
+
+def test_committed_query_list_is_answerable_from_the_cldr_captions():
+    pytest.importorskip("emoji")
+    from koclip.data import emoji_cldr, emoji_ko
+
+    queries = read_queries(default_queries_path())
+    assert 60 <= len(queries) <= 100
+    assert {"animals", "food", "weather", "sports", "objects", "faces", "flags"} == {c for c, _ in queries}
+    captions = [emoji_cldr.captions(text, name) for text, name in emoji_ko.candidates()]
+    for _, query in queries:
+        assert any(query in c for c in captions), query
+
+
+def test_cli_query_report_writes_json_and_markdown(tiny_ckpt_dir, dataset, tmp_path, capsys):
+    queries = tmp_path / "q.txt"
+    queries.write_text("# category: misc\n학습용\n비행기\n", encoding="utf-8")
+    out = tmp_path / "report" / "queries.json"
+    assert main(["--checkpoint", tiny_ckpt_dir, "--manifest", dataset[0], "--queries", str(queries),
+                 "--out", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["split"] == "all" and report["summary"]["images"] == N_GOOD + 1  # the train image too
+    assert [row["query"] for row in report["queries"]] == ["학습용", "비행기"]
+    assert all(1 <= row["rank"] <= N_GOOD + 1 for row in report["queries"])
+    markdown = (tmp_path / "report" / "queries.md").read_text(encoding="utf-8")
+    assert "| 학습용 |" in markdown and markdown in capsys.readouterr().out
+    assert main(["--checkpoint", tiny_ckpt_dir, "--manifest", dataset[0], "--queries", str(tmp_path / "none.txt"),
+                 "--out", str(out)]) == 2
+    assert "none.txt" in capsys.readouterr().err
