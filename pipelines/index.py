@@ -23,10 +23,14 @@ from koclip.errors import UsageError
 
 DESCRIPTION = """Index an embedding store (Parquet shards from `python -m pipelines.embed`) with FAISS.
 
-The index type follows the corpus size and --max-memory: exact flat search up to 50k rows, HNSW
-when its vectors and links fit, else OPQ + IVF-PQ. Its search parameter is tuned to reach
---target-recall (recall@10 against exact search). The result is a new version under --out,
-published by rewriting OUT/CURRENT last; the last --keep versions are kept.
+The index keeps --target-recall (recall@10 against exact search, measured on corpus rows held out
+of the index while tuning). Exact flat search up to 50k rows; above that every index type that
+fits --max-memory is tried in order of expected speed (HNSW, OPQ+IVF-PQ with re-ranking,
+IVF-SQ8, IVF-Flat, exact flat), each tuned to the target, and the first that reaches it is
+published. When none does (exact search does not fit the budget, or --kind forces one type), the
+build stops with the best recall found, unless --allow-below-target publishes that best one.
+The result is a new version under --out, published by rewriting OUT/CURRENT last; the last
+--keep versions are kept.
 
 With no arguments: the emoji-ko demo embeddings (~/.cache/koclip/embeddings/emoji-ko) into
 ~/.cache/koclip/index/emoji-ko."""
@@ -53,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="memory budget of the served index, e.g. 512MB, 4GB, 1.5TB (default: 4GB)")
     parser.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL, metavar="R",
                         help=f"recall@10 the search parameter is tuned to reach (default: {DEFAULT_TARGET_RECALL})")
+    parser.add_argument("--allow-below-target", action="store_true",
+                        help="when no index within the budget reaches --target-recall, publish the best one "
+                             "(default: stop with an error naming the best recall)")
     parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES, metavar="N",
                         help=f"corpus rows used as tuning queries (default: {DEFAULT_QUERIES})")
     parser.add_argument("--keep", type=int, default=3, metavar="K", help="versions to keep (default: 3)")
@@ -79,6 +86,10 @@ def summary(result) -> str:
         f"  search     {params}",
         f"  recall@10  {m['recall_at_10']:.4f} on {m['recall_queries']} queries "
         f"(target {m['target_recall']}: {reached})",
+        *[f"  {'tried' if i == 0 else '':<10} {c['kind']:<8} {c['factory']:<32} recall@10 {c['recall_at_10']:.4f}"
+          f" at {', '.join(f'{k}={v}' for k, v in c['search_params'].items()) or 'exact'}"
+          f" ({c['build_seconds']:.1f} s{', published' if c['kind'] == m['kind'] and c['target_reached'] else ''})"
+          for i, c in enumerate(m.get("candidates", []))],
         f"  memory     {format_bytes(m['index_bytes'])} on disk (estimated {format_bytes(m['estimated_bytes'])}, "
         f"budget {format_bytes(m['max_memory'])})",
         f"  built in   {m['build_seconds']:.1f} s" + (f"; deleted {len(result.deleted)} old versions"
@@ -101,7 +112,8 @@ def run(args, beam_args: list[str]):
     if args.queries < 1:
         raise UsageError(f"--queries must be at least 1, got {args.queries}")
     common = dict(column=args.column, max_memory=parse_memory(args.max_memory), target_recall=args.target_recall,
-                  queries=args.queries, keep=args.keep, seed=args.seed, trained=args.trained)
+                  queries=args.queries, keep=args.keep, seed=args.seed, trained=args.trained,
+                  allow_below_target=args.allow_below_target)
     if not args.distributed:
         return build_index(embeddings, out, kind=args.kind, **common)
     if args.kind not in ("auto", "ivfpq"):

@@ -49,9 +49,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from koclip import fs
 from koclip.index import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, ROWS_SCHEMA,
-                          BuildResult, IndexBuildError, add_truth, add_vectors, choose_index, ivf_part, make_meta,
+                          Attempt, BuildResult, IndexBuildError, add_truth, add_vectors, choose_index, ivf_part, make_meta,
                           new_version, parse_memory, plan_of, publish_written, query_rows, read_index_file, read_shard,
-                          removed_on_failure, train, train_rows, tune, write_meta)
+                          refusal, removed_on_failure, train, train_rows, tune, write_meta)
 from koclip.lock import hold
 from koclip.store import Store, open_store
 
@@ -175,7 +175,8 @@ def merge(trained: faiss.Index, parts: list[str], ivfdata: str) -> faiss.Index:
 def build_distributed(embeddings: str | Store, out: str, *, column: str = "image_embedding",
                       max_memory: str | int = DEFAULT_MAX_MEMORY, target_recall: float = DEFAULT_TARGET_RECALL,
                       queries: int = DEFAULT_QUERIES, keep: int = 3, seed: int = 0,
-                      trained: str | faiss.Index | None = None, pipeline_args: list[str] = (),
+                      trained: str | faiss.Index | None = None, allow_below_target: bool = False,
+                      pipeline_args: list[str] = (),
                       before_publish: Callable[[str], None] | None = None) -> BuildResult:
     """build_index(kind="ivfpq") with the per-shard work on Beam workers (module docstring)."""
     started, out = time.perf_counter(), os.fspath(out)
@@ -226,6 +227,9 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
             heap.add_result(np.ascontiguousarray(truth["scores"]), np.ascontiguousarray(truth["rows"]))
         heap.finalize()
         tuning = tune(merge(trained, parts, os.path.join(scratch, "tuning.ivfdata")), q, heap.I, target_recall)
+        attempt = Attempt(plan, tuning, time.perf_counter() - started)
+        if not tuning.reached and not allow_below_target:
+            raise IndexBuildError(refusal([attempt], target_recall, budget, forced=True))
         # faiss cannot grow the lists of a merged on-disk index (the ids come out corrupt): merge again,
         # with the held-out rows as one more part, last
         held = faiss.deserialize_index(faiss.serialize_index(trained))
@@ -242,7 +246,8 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
         meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=store.root, column=column, count=n,
                          dim=store.dim, fingerprint=store.fingerprint, model_config=store.config,
                          target_recall=target_recall, max_memory=budget, build_seconds=time.perf_counter() - started,
-                         index_bytes=index_bytes, layout="ondisk", kind_requested="ivfpq", shards=len(elements))
+                         index_bytes=index_bytes, layout="ondisk", kind_requested="ivfpq", shards=len(elements),
+                         candidates=[attempt.record()], allow_below_target=allow_below_target)
         write_meta(folder, meta)
         deleted = publish_written(out, version, keep, before_publish, root_lock)
     return BuildResult(out, version, meta, True, deleted)

@@ -16,17 +16,20 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not an installed package
-from bench.index import clustered_vectors  # noqa: E402
+from bench.index import clustered_vectors, hard_vectors  # noqa: E402
 from koclip import fs, lock  # noqa: E402
 from koclip.errors import LockHeld  # noqa: E402
 from koclip.index import (KINDS, IndexBuildError, IndexFolderError,  # noqa: E402
-                          build_index, choose_index, current_version, extend_index, list_versions, load_index,
-                          parse_memory, publish)
+                          build_index, candidates, choose_index, current_version, extend_index, list_versions,
+                          load_index, parse_memory, plan_of, publish)
+from koclip.index.build import Corpus, choose_and_build, read_rows  # noqa: E402
+from koclip.index.plan import plan_for  # noqa: E402
 from koclip.index.tuning import query_rows, set_search_params  # noqa: E402
 from koclip.store import Row, StoreError, rows_to_table, write_shard  # noqa: E402
 
 DIM = 32
-EXHAUSTIVE = {"flat": {}, "hnsw": {"efSearch": 512}, "ivfpq": {"nprobe": 4096, "k_factor": 32}}
+EXHAUSTIVE = {"flat": {}, "hnsw": {"efSearch": 512}, "ivfpq": {"nprobe": 4096, "k_factor": 32},
+              "ivfflat": {"nprobe": 4096}, "ivfsq8": {"nprobe": 4096}}
 
 
 def vectors(n: int, seed: int = 0) -> np.ndarray:
@@ -92,6 +95,97 @@ def test_auto_choice_follows_size_and_budget():
         choose_index(10, 512, kind="lsh")
 
 
+def test_candidates_are_every_kind_that_fits_fastest_first():
+    kinds = lambda *a: [p.kind for p in candidates(*a)]  # noqa: E731
+    assert kinds(20_000, 512) == ["flat"]  # small: exact search alone
+    assert kinds(1_000_000, 512, "4GB") == ["hnsw", "ivfpq", "ivfsq8", "ivfflat", "flat"]
+    # HNSW (~2.2 GB), IVF-Flat and flat (~1.9 GB each) do not fit 1 GB
+    assert kinds(1_000_000, 512, "1GB") == ["ivfpq", "ivfsq8"]
+    for plan in candidates(1_000_000, 512, "1GB"):
+        assert plan.estimated_bytes <= 2**30
+    assert kinds(1_000_000, 512, "4GB", "ivfflat") == ["ivfflat"]  # a forced kind is the only one
+    assert choose_index(1_000_000, 512).kind == "hnsw"  # the first candidate
+
+
+# ---------------------------------------------------------------- the recall promise
+# Nearly isotropic clusters (bench.index.hard_vectors at D=32): the 8-bit codes of IVF-SQ8 lose
+# neighbours even when every list is probed (recall@10 ~0.99), while IVF-Flat scanning every list is
+# exact. A target of 0.995 is one SQ8 cannot keep.
+HARD_TARGET = 0.995
+
+
+@pytest.fixture(scope="module")
+def hard_store(tmp_path_factory):
+    vecs = hard_vectors(4000, DIM, centres=64)
+    return write_store(str(tmp_path_factory.mktemp("hard")), vecs, shards=3), vecs
+
+
+def test_the_first_candidate_reaching_the_target_is_chosen_and_later_ones_are_not_built(hard_store):
+    from koclip.store import open_store
+
+    root, vecs = hard_store
+    store = open_store(root)
+    _, counts = read_rows(store, "image_embedding")
+    plans = [plan_for(kind, 4000, DIM, 2**30) for kind in ("ivfsq8", "ivfflat", "hnsw")]
+    seen = []
+    corpus = Corpus(store, "image_embedding", counts)  # streamed from the store's shards
+    plan, index, trained, tuning, order, attempts = choose_and_build(
+        plans, corpus, query_rows(4000, 400, 0), HARD_TARGET, 0, 2**30, forced=False,
+        on_attempt=lambda attempt, ix: seen.append((attempt.plan.kind, ix.ntotal)))
+    assert [a.plan.kind for a in attempts] == ["ivfsq8", "ivfflat"] and seen == [("ivfsq8", 4000), ("ivfflat", 4000)]
+    sq8, flat_lists = attempts
+    assert not sq8.tuning.reached and sq8.tuning.recall < HARD_TARGET and sq8.tuning.params == {"nprobe": plan.nlist}
+    assert plan.kind == "ivfflat" and tuning.reached and tuning.recall >= HARD_TARGET
+    # ivfflat reused the k-means of ivfsq8 (the same nlist): the same coarse centroids
+    from koclip.index.faiss_ops import coarse_centroids
+
+    assert corpus.vectors is None  # the IVF kinds streamed; nothing loaded the corpus whole
+    assert np.array_equal(coarse_centroids(trained), corpus.centroids[plan.nlist])
+    assert sorted(order.tolist()) == list(range(4000)) and index.ntotal == 4000
+
+
+def test_a_target_no_candidate_keeps_is_refused_naming_the_best_recall(tmp_path, hard_store):
+    root, vecs = hard_store
+    out = str(tmp_path / "idx")
+    with pytest.raises(IndexBuildError, match=r"^no index reaches recall@10 0.995: tried ivfsq8 0\.9\d\d; the best was "
+                                              r"ivfsq8 \(IVF\d+,SQ8\) at 0\.9\d\d with nprobe=\d+; choose another "
+                                              r"--kind .* or pass --allow-below-target$"):
+        build_index(root, out, kind="ivfsq8", target_recall=HARD_TARGET, queries=400)
+    assert current_version(out) is None and list_versions(out) == []  # nothing published, nothing left
+    result = build_index(root, out, kind="ivfsq8", target_recall=HARD_TARGET, queries=400, allow_below_target=True)
+    meta = result.meta
+    assert meta["kind"] == "ivfsq8" and not meta["target_reached"] and meta["allow_below_target"]
+    assert [c["kind"] for c in meta["candidates"]] == ["ivfsq8"]
+    assert meta["candidates"][0]["recall_at_10"] == meta["recall_at_10"] < HARD_TARGET
+
+
+def test_auto_without_room_for_exact_search_refuses_with_the_budget(tmp_path, hard_store):
+    root, _ = hard_store
+    out = str(tmp_path / "idx")
+    assert [p.kind for p in candidates(4000, DIM, "300KB")] == ["ivfpq", "ivfsq8"]  # flat needs 500 KB
+    with pytest.raises(IndexBuildError, match=r"^no index reaches recall@10 0.995: tried ivfpq 0\.\d+; ivfsq8 0\.\d+; "
+                                              r".*; exact search needs ~500\.0KB > the budget 300\.0KB: raise "
+                                              r"--max-memory, lower --target-recall, or pass --allow-below-target"):
+        build_index(root, out, max_memory="300KB", target_recall=HARD_TARGET, queries=400)
+    assert list_versions(out) == []
+
+
+def test_the_cli_refuses_in_one_line_and_publishes_below_target_when_asked(tmp_path, hard_store, capsys):
+    from pipelines.index import main
+
+    root, _ = hard_store
+    out = str(tmp_path / "idx")
+    argv = ["--embeddings", root, "--out", out, "--kind", "ivfsq8", "--target-recall", str(HARD_TARGET),
+            "--queries", "400"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pipelines.index: error: no index reaches recall@10 0.995: tried ")
+    assert main(argv + ["--allow_below_target"]) == 0
+    printed = capsys.readouterr().out
+    assert "(target 0.995: NOT reached)" in printed and "tried      ivfsq8" in printed
+    assert load_index(out).kind == "ivfsq8"
+
+
 # ---------------------------------------------------------------- recall, per kind
 
 
@@ -108,8 +202,10 @@ def test_each_kind_reaches_the_target_recall(tmp_path, store, corpus, kind):
     assert exact_recall(index, fresh, corpus, item_ids(0, 4000)) >= 0.93
     assert index.count == len(corpus) and index.dim == DIM and meta["fingerprint"] == "model-a"
     assert meta["model_config"] == {"projection_dim": DIM} and meta["recall_queries"] == 400
-    expected = {"flat": {}, "hnsw": {"efSearch"}, "ivfpq": {"nprobe", "k_factor"}}[kind]
+    expected = {"flat": {}, "hnsw": {"efSearch"}, "ivfpq": {"nprobe", "k_factor"}, "ivfflat": {"nprobe"},
+                "ivfsq8": {"nprobe"}}[kind]
     assert set(meta["search_params"]) == set(expected)
+    assert [c["kind"] for c in meta["candidates"]] == [kind] and meta["candidates"][0]["target_reached"]
 
 
 def test_search_returns_rows_and_their_metadata(tmp_path, corpus):
@@ -245,6 +341,12 @@ def test_extend_ivfpq_keeps_its_quantizer(tmp_path, corpus):
 def test_extend_hnsw_rebuilds(tmp_path, corpus):
     _, result, _ = _extend_and_check(tmp_path, corpus, "hnsw")
     assert result.meta["kind"] == "hnsw" and result.meta["recall_version"] == result.version
+
+
+def test_extend_ivfflat_in_place(tmp_path, corpus):
+    base, result, index = _extend_and_check(tmp_path, corpus, "ivfflat")
+    assert result.meta["kind"] == "ivfflat" and result.meta["recall_version"] == base.version
+    assert plan_of(index.faiss, index.count).nlist == base.meta["build_params"]["nlist"]
 
 
 def test_extend_changes_kind_when_the_budget_says_so(tmp_path, corpus):

@@ -3,20 +3,31 @@
 except the tuning query rows, which are held out while tuning and come last
 (koclip.index.tuning). A caption index has one row per caption, id "item#k".
 
-build_index reads the store's vectors twice at most: flat and hnsw hold every vector anyway, so
-they load them all; ivfpq streams: one pass gathers the training sample and the tuning queries, a
-second adds each shard and finds the queries' exact neighbours on the way.
+Which index (koclip.index.plan.candidates): every kind that fits the memory budget, in order of
+expected search speed, is built and tuned on the held-out rows in turn; the first whose tuning
+reaches the target recall is published, and the kinds after it are never built. Exact search
+(flat) is the last candidate whenever it fits, so a target is always kept when flat fits the
+budget. When no candidate reaches it (flat does not fit, or the kind is forced), the build refuses
+in one line naming the best recall found, unless allow_below_target publishes that best one.
+meta.json "candidates" lists what was tried: kind, factory, search parameters, recall, seconds.
+Two IVF kinds with the same nlist (ivfsq8, ivfflat) share one k-means run.
+
+A build reads the store's vectors once when a flat or hnsw candidate is tried (they hold every
+vector anyway) and keeps them for the candidates after it; until then the IVF kinds stream: one
+pass gathers the training sample and the tuning queries, a second adds each shard and finds the
+queries' exact neighbours on the way (kept for the next candidate).
 
 Extending (extend_index): the CURRENT version plus the rows of `add` (a store of the same model)
 minus the items in `remove` (item ids; a caption index drops all of an item's captions). An added
-item already in the index replaces its old rows. flat and ivfpq are updated in place: ivfpq keeps
-its trained quantizer and its search parameters, and meta "recall_version" names the version
-whose build measured its recall (an ivfpq index cannot give its vectors back for a new
-measurement); hnsw cannot remove vectors, so it is rebuilt from the vectors it stores. When
-choose_index would pick another kind for the new size (or ivfpq's nlist would be off by 2x), the
-index is rebuilt; from flat or hnsw with their stored vectors, from ivfpq only with `full_store=`
-(a store of every current item; the build then reads it, ignoring add/remove). A call that
-changes nothing publishes nothing (BuildResult.published is False).
+item already in the index replaces its old rows. flat and the IVF kinds are updated in place: an
+IVF index keeps its trained quantizer and its search parameters, and meta "recall_version" names
+the version whose build measured its recall (an IVF index cannot give its vectors back for a new
+measurement); hnsw cannot remove vectors, so it is rebuilt from the vectors it stores. The index
+keeps its kind while that kind is still a candidate for the new size and every faster candidate
+was tried by an earlier build and missed the target; otherwise (or when an IVF nlist would be off
+by 2x) it is rebuilt through the candidates: from flat or hnsw with their stored vectors, from an
+IVF kind only with `full_store=` (a store of every current item; the build then reads it,
+ignoring add/remove). A call that changes nothing publishes nothing (BuildResult.published is False).
 
 Both hold the index root's lock (ROOT/LOCK, koclip.lock) from before reading CURRENT or naming the
 version until the publish, and check it right before flipping CURRENT: a second build into the
@@ -40,11 +51,13 @@ import pyarrow.parquet as pq
 
 from koclip import fs
 from koclip.errors import IndexBuildError, IndexFolderError, StoreError
-from koclip.index.faiss_ops import add_truth, add_vectors, copy_index, in_memory, remove_rows, train
+from koclip.index.faiss_ops import (add_truth, add_vectors, coarse_centroids, copy_index, in_memory, remove_rows,
+                                    train)
 from koclip.index.load import load_index, read_index_file
-from koclip.index.plan import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, Plan,
-                               choose_index, parse_memory, plan_of)
-from koclip.index.tuning import Tuning, build_and_tune, holdout_order, query_rows, train_rows, tune
+from koclip.index.plan import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, IVF_KINDS, RECALL_K, Plan,
+                               candidates, estimate_memory, format_bytes, parse_memory, plan_of)
+from koclip.index.tuning import (Tuning, build_and_tune, holdout_order, holdout_truth, query_rows, train_rows,
+                                 tune)
 from koclip.index.versions import (ROWS_SCHEMA, current_version, make_meta, new_version, publish_written,
                                    removed_on_failure, write_version)
 from koclip.lock import Lock, hold
@@ -143,22 +156,109 @@ class BuildResult:
         return fs.join(self.root, "versions", self.version)
 
 
-def _build_from_store(plan: Plan, store: Store, column: str, counts: list[int], queries: int, seed: int,
-                      target_recall: float, trained: faiss.Index | None):
-    """(index, trained, tuning, order); order[r] is the store row of index row r."""
-    held_out = query_rows(plan.n, queries, seed)
-    if plan.kind != "ivfpq":  # these hold every vector anyway
-        return build_and_tune(plan, read_vectors(store, column, counts), held_out, target_recall, seed)
-    # streaming: one pass for the samples, one to add (finding the queries' exact neighbours on the way)
-    picked = held_out if trained is not None else np.concatenate([held_out, train_rows(plan, seed)])
-    sample = gather(store, column, counts, picked)
-    q = sample[:len(held_out)]
-    trained = trained if trained is not None else train(plan, sample[len(held_out):])
-    index = copy_index(trained)
-    truth = add_store(index, store, column, counts, held_out, q)
-    tuning = tune(index, q, truth, target_recall)
-    add_vectors(index, q, plan.n - len(held_out))
-    return index, trained, tuning, holdout_order(plan.n, held_out)
+@dataclass
+class Attempt:
+    """One candidate built and tuned: what meta.json "candidates" records of it."""
+    plan: Plan
+    tuning: Tuning
+    seconds: float
+
+    def record(self) -> dict:
+        return {"kind": self.plan.kind, "factory": self.plan.factory, "estimated_bytes": self.plan.estimated_bytes,
+                "search_params": self.tuning.params, "recall_at_10": round(self.tuning.recall, 4),
+                "target_reached": self.tuning.reached, "query_ms": round(self.tuning.query_ms, 3),
+                "build_seconds": round(self.seconds, 2)}
+
+
+class Corpus:
+    """The vectors a build indexes: a store read shard by shard (loaded whole only when a kind
+    needs every vector in memory), or vectors already in memory (`vectors=`)."""
+
+    def __init__(self, store: Store | None = None, column: str = "", counts: list[int] | None = None,
+                 vectors: np.ndarray | None = None):
+        self.store, self.column, self.counts, self.vectors = store, column, counts, vectors
+        self.n = len(vectors) if vectors is not None else sum(counts)
+        self.truth: np.ndarray | None = None  # the held-out rows' exact neighbours, once known
+        self.centroids: dict[int, np.ndarray] = {}  # nlist -> coarse centroids (ivfflat, ivfsq8)
+
+    def load(self) -> np.ndarray:
+        if self.vectors is None:
+            self.vectors = read_vectors(self.store, self.column, self.counts)
+        return self.vectors
+
+    def build(self, plan: Plan, held_out: np.ndarray, target_recall: float, seed: int,
+              trained: faiss.Index | None) -> tuple[faiss.Index, faiss.Index | None, Tuning, np.ndarray]:
+        """(index, trained, tuning, order) of one plan; order[r] is the corpus row of index row r."""
+        if plan.kind not in IVF_KINDS or self.vectors is not None:
+            vectors = self.load()
+            if self.truth is None:
+                self.truth = holdout_truth(vectors, held_out)
+            if trained is None and plan.kind in IVF_KINDS:
+                trained = train(plan, vectors[train_rows(plan, seed)], self.centroids.get(plan.nlist))
+            built = build_and_tune(plan, vectors, held_out, target_recall, seed, trained, truth=self.truth)
+        else:
+            built = self._stream(plan, held_out, target_recall, seed, trained)
+        if plan.kind in ("ivfflat", "ivfsq8"):
+            self.centroids.setdefault(plan.nlist, coarse_centroids(built[1]))
+        return built
+
+    def _stream(self, plan: Plan, held_out: np.ndarray, target_recall: float, seed: int,
+                trained: faiss.Index | None):
+        """An IVF build in two passes over the store (module docstring)."""
+        picked = held_out if trained is not None else np.concatenate([held_out, train_rows(plan, seed)])
+        sample = gather(self.store, self.column, self.counts, picked)
+        q = sample[:len(held_out)]
+        if trained is None:
+            trained = train(plan, sample[len(held_out):], self.centroids.get(plan.nlist))
+        index = copy_index(trained)
+        self.truth = add_store(index, self.store, self.column, self.counts, held_out, q)
+        tuning = tune(index, q, self.truth, target_recall)
+        add_vectors(index, q, plan.n - len(held_out))
+        return index, trained, tuning, holdout_order(plan.n, held_out)
+
+
+def refusal(attempts: list[Attempt], target_recall: float, budget: int, forced: bool) -> str:
+    """The one line a build that kept no promise ends with."""
+    best = max(attempts, key=lambda a: a.tuning.recall)
+    params = ", ".join(f"{k}={v}" for k, v in best.tuning.params.items())
+    tried = "; ".join(f"{a.plan.kind} {a.tuning.recall:.3f}" for a in attempts)
+    head = (f"no index reaches recall@{RECALL_K} {target_recall}: tried {tried}; the best was {best.plan.kind} "
+            f"({best.plan.factory}) at {best.tuning.recall:.3f} with {params}")
+    if forced:
+        return head + "; choose another --kind (auto tries every kind that fits), or pass --allow-below-target"
+    flat = estimate_memory("flat", best.plan.n, best.plan.dim)
+    return (head + f"; exact search needs ~{format_bytes(flat)} > the budget {format_bytes(budget)}: raise "
+            "--max-memory, lower --target-recall, or pass --allow-below-target to publish the best")
+
+
+def choose_and_build(plans: list[Plan], corpus: Corpus, held_out: np.ndarray, target_recall: float, seed: int,
+                     budget: int, *, forced: bool, allow_below_target: bool = False,
+                     trained: faiss.Index | None = None,
+                     on_attempt: Callable[[Attempt, faiss.Index], None] | None = None):
+    """(plan, index, trained, tuning, order, attempts): the first plan whose tuning reaches the
+    target, else (allow_below_target) the best one, else IndexBuildError (module docstring).
+    `on_attempt(attempt, index)` sees every candidate's tuned index (bench/index.py measures them)."""
+    attempts: list[Attempt] = []
+    best = None
+    for plan in plans:
+        log.info("trying %s (%s) on %d rows", plan.kind, plan.factory, plan.n)
+        started = time.perf_counter()
+        index, trained_index, tuning, order = corpus.build(plan, held_out, target_recall, seed, trained)
+        attempts.append(Attempt(plan, tuning, time.perf_counter() - started))
+        if on_attempt is not None:
+            on_attempt(attempts[-1], index)
+        built = (plan, index, trained_index, tuning, order)
+        if tuning.reached:
+            return (*built, attempts)
+        log.info("%s reaches recall@%d %.3f < %.3f: trying the next candidate", plan.kind, RECALL_K, tuning.recall,
+                 target_recall)
+        if best is None or tuning.recall > best[3].recall:
+            best = built
+        del index, trained_index, built
+    if not allow_below_target:
+        raise IndexBuildError(refusal(attempts, target_recall, budget, forced))
+    log.warning("publishing %s below the target: %s", best[0].kind, refusal(attempts, target_recall, budget, forced))
+    return (*best, attempts)
 
 
 def _open(embeddings: str | os.PathLike | Store) -> Store:
@@ -168,12 +268,12 @@ def _open(embeddings: str | os.PathLike | Store) -> Store:
 def build_index(embeddings: str | os.PathLike | Store, out: str | os.PathLike, *, column: str = "image_embedding",
                 kind: str = "auto", max_memory: str | int = DEFAULT_MAX_MEMORY,
                 target_recall: float = DEFAULT_TARGET_RECALL, queries: int = DEFAULT_QUERIES, keep: int = 3,
-                seed: int = 0, trained: str | faiss.Index | None = None,
+                seed: int = 0, trained: str | faiss.Index | None = None, allow_below_target: bool = False,
                 before_publish: Callable[[str], None] | None = None) -> BuildResult:
     """Index a store's `column`, write a new version under `out` and publish it (module docstring).
 
-    `trained`: a trained empty ivfpq index (or a trained.faiss path) to use instead of training
-    (the kind is then ivfpq, whatever `kind` says).
+    `trained`: a trained empty IVF index (or a trained.faiss path) to use instead of training
+    (its kind is then the only candidate, whatever `kind` says).
     """
     started, out = time.perf_counter(), os.fspath(out)
     if keep < 1:
@@ -185,17 +285,21 @@ def build_index(embeddings: str | os.PathLike | Store, out: str | os.PathLike, *
             raise IndexBuildError(f"{store.root} holds no {column} vectors to index")
         budget = parse_memory(max_memory)
         trained_given, trained = trained is not None, read_index_file(trained) if trained is not None else None
-        plan = plan_of(trained, len(rows), budget) if trained is not None else choose_index(len(rows), store.dim,
+        plans = [plan_of(trained, len(rows), budget)] if trained is not None else candidates(len(rows), store.dim,
                                                                                              budget, kind)
-        log.info("indexing %d rows of %s as %s (%s)", plan.n, column, plan.factory, plan.reason)
+        log.info("indexing %d rows of %s: candidates %s", len(rows), column, ", ".join(p.factory for p in plans))
         version = new_version(out)
-        index, trained, tuning, order = _build_from_store(plan, store, column, counts, queries, seed, target_recall,
-                                                          trained)
+        corpus = Corpus(store, column, counts)
+        plan, index, trained, tuning, order, attempts = choose_and_build(
+            plans, corpus, query_rows(len(rows), queries, seed), target_recall, seed, budget,
+            forced=kind != "auto" or trained_given, allow_below_target=allow_below_target, trained=trained)
+        del corpus
         rows = rows.take(pa.array(order))
         meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=store.root, column=column, count=plan.n,
                          dim=store.dim, fingerprint=store.fingerprint, model_config=store.config,
                          target_recall=target_recall, max_memory=budget,
-                         kind_requested="ivfpq" if trained_given else kind,
+                         kind_requested=plan.kind if trained_given else kind,
+                         candidates=[a.record() for a in attempts], allow_below_target=allow_below_target,
                          build_seconds=time.perf_counter() - started)
         return write_and_publish(out, version, index, rows, meta, trained, keep, before_publish, root_lock)
 
@@ -222,20 +326,30 @@ def _rows_and_vectors(add, column: str, fingerprint: str, dim: int) -> tuple[pa.
     return rows, read_vectors(store, column, counts)
 
 
-def _needs_rebuild(old: Plan, new: Plan) -> bool:
-    if old.kind != new.kind or old.kind == "hnsw":
-        return True
-    return old.kind == "ivfpq" and not new.nlist / 2 < old.nlist < new.nlist * 2
+def kept_plan(old: Plan, plans: list[Plan], meta: dict) -> Plan | None:
+    """The candidate of the old index's kind, when an extension may keep that kind (module
+    docstring: still a candidate, every faster candidate missed the target in an earlier build,
+    an IVF nlist within 2x), else None: rebuild through the candidates."""
+    kinds = [p.kind for p in plans]
+    if old.kind not in kinds:
+        return None
+    missed = {c["kind"] for c in meta.get("candidates", []) if not c["target_reached"]}
+    if any(k not in missed for k in kinds[:kinds.index(old.kind)]):
+        return None
+    new = plans[kinds.index(old.kind)]
+    if old.kind in IVF_KINDS and not new.nlist / 2 < old.nlist < new.nlist * 2:
+        return None
+    return new
 
 
 def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None = None, remove: Iterable[str] = (),
                  *, kind: str | None = None, max_memory: str | int | None = None, target_recall: float | None = None,
                  queries: int = DEFAULT_QUERIES, keep: int = 3, seed: int = 0,
-                 full_store: str | os.PathLike | Store | None = None,
+                 full_store: str | os.PathLike | Store | None = None, allow_below_target: bool | None = None,
                  before_publish: Callable[[str], None] | None = None) -> BuildResult:
     """The CURRENT version of `root` plus `add`'s rows minus `remove`d items, as a new published
-    version (module docstring). kind, max_memory and target_recall default to the previous build's
-    (kind: what it was asked for, "auto" or a forced kind)."""
+    version (module docstring). kind, max_memory, target_recall and allow_below_target default to
+    the previous build's (kind: what it was asked for, "auto" or a forced kind)."""
     started, root = time.perf_counter(), os.fspath(root)
     with hold(root, what="koclip.index.extend_index") as root_lock:
         if current_version(root) is None:
@@ -245,6 +359,7 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
         budget = parse_memory(max_memory if max_memory is not None else meta["max_memory"])
         target = target_recall if target_recall is not None else meta["target_recall"]
         kind = kind if kind is not None else meta.get("kind_requested", "auto")
+        below = allow_below_target if allow_below_target is not None else meta.get("allow_below_target", False)
         new_rows, new_vectors = _rows_and_vectors(add, column, prev.fingerprint, prev.dim)
         gone = set(remove) | set(new_rows.column("item_id").to_pylist())
         removed = np.isin(np.asarray(prev.rows.column("item_id").to_pylist(), dtype=object), list(gone))
@@ -255,29 +370,36 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
         rows = pa.concat_tables([prev.rows.filter(pa.array(~removed)), new_rows.cast(ROWS_SCHEMA)])
         if not len(rows):
             raise IndexBuildError(f"removing {int(removed.sum())} rows would leave {root} empty")
-        plan = choose_index(len(rows), prev.dim, budget, kind)
+        plans = candidates(len(rows), prev.dim, budget, kind)
         old_plan = plan_of(prev.faiss, prev.count, budget)
+        plan = kept_plan(old_plan, plans, meta)
         common = dict(column=column, count=len(rows), dim=prev.dim, fingerprint=prev.fingerprint,
                       model_config=meta["model_config"], target_recall=target, max_memory=budget,
-                      kind_requested=kind, parent=prev.version)
+                      kind_requested=kind, allow_below_target=below, parent=prev.version)
         version = new_version(root)
-        if _needs_rebuild(old_plan, plan) and old_plan.kind == "ivfpq":
+        if plan is None and old_plan.kind in IVF_KINDS:
             if full_store is None:
-                raise IndexBuildError(f"{root} should be rebuilt as {plan.factory} for {len(rows)} rows, and an ivfpq "
-                                      "index cannot give its vectors back: pass full_store= (every current item)")
+                raise IndexBuildError(f"{root} should be rebuilt for {len(rows)} rows (candidates: "
+                                      f"{', '.join(p.factory for p in plans)}), and an {old_plan.kind} index cannot "
+                                      "give its vectors back: pass full_store= (every current item)")
             return build_index(full_store, root, column=column, kind=kind, max_memory=budget, target_recall=target,
-                               queries=queries, keep=keep, seed=seed, before_publish=before_publish)
+                               queries=queries, keep=keep, seed=seed, allow_below_target=below,
+                               before_publish=before_publish)
         index, trained = prev.faiss, None
-        if _needs_rebuild(old_plan, plan):  # from the vectors flat and hnsw keep, queries held out again
+        if plan is None or plan.kind == "hnsw":  # from the vectors flat and hnsw keep, queries held out again
             vectors = np.concatenate([index.reconstruct_n(0, prev.count)[~removed], new_vectors])
-            index, trained, tuning, order = build_and_tune(plan, vectors, query_rows(len(rows), queries, seed),
-                                                           target, seed)
+            tried = plans if plan is None else plans[[p.kind for p in plans].index("hnsw"):]
+            plan, index, trained, tuning, order, attempts = choose_and_build(
+                tried, Corpus(vectors=vectors), query_rows(len(rows), queries, seed), target, seed, budget,
+                forced=kind != "auto", allow_below_target=below)
             rows = rows.take(pa.array(order))
+            common["candidates"] = [a.record() for a in attempts]
         elif plan.kind == "flat":
             remove_rows(index, removed)
             add_vectors(index, new_vectors, kept)
             tuning = Tuning({}, 1.0, True, 0)  # exact search: nothing to tune or measure
-        else:  # ivfpq in place, with its trained quantizer
+            common["candidates"] = meta.get("candidates", [])
+        else:  # an IVF kind in place, with its trained quantizer
             plan = plan_of(index, len(rows), budget)
             index = in_memory(index)
             remove_rows(index, removed)
@@ -285,6 +407,7 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
             trained = read_index_file(fs.join(prev.path, "trained.faiss"))
             tuning = Tuning(meta["search_params"], meta["recall_at_10"], meta["target_reached"], meta["recall_queries"])
             common["recall_version"] = meta["recall_version"]
+            common["candidates"] = meta.get("candidates", [])
         log.info("extend %s: -%d +%d rows -> %d (%s)", prev.version, int(removed.sum()), len(new_rows), len(rows),
                  plan.factory)
         meta = make_meta(version=version, plan=plan, tuning=tuning, store_root=meta["store_root"],

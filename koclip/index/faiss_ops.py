@@ -16,7 +16,7 @@ log = logging.getLogger("koclip.index")
 
 
 def new_index(plan: Plan) -> faiss.Index:
-    """An empty index for the plan (ivfpq still untrained)."""
+    """An empty index for the plan (the IVF kinds still untrained)."""
     if plan.kind == "flat":
         return faiss.IndexFlatIP(plan.dim)
     if plan.kind == "hnsw":
@@ -24,6 +24,8 @@ def new_index(plan: Plan) -> faiss.Index:
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         return index
     index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind != "ivfpq":  # ivfflat, ivfsq8: nothing more to set
+        return index
     base = ivf_part(index)
     opq = faiss.downcast_VectorTransform(base.chain.at(0))
     opq.niter, opq.max_train_points = 25, 32768  # faiss: 50 / 65536
@@ -33,25 +35,39 @@ def new_index(plan: Plan) -> faiss.Index:
     return index
 
 
-def train(plan: Plan, sample: np.ndarray) -> faiss.Index:
-    """A trained, empty ivfpq index (flat and hnsw need no training)."""
+def train(plan: Plan, sample: np.ndarray, centroids: np.ndarray | None = None) -> faiss.Index:
+    """A trained, empty IVF index (ivfflat, ivfsq8, ivfpq; flat and hnsw need no training).
+
+    `centroids` (ivfflat, ivfsq8): the coarse quantizer's centroids of an index trained before
+    with the same nlist (coarse_centroids), so that k-means runs once for both kinds; faiss skips
+    the quantizer's training when it already holds nlist centroids."""
     index = new_index(plan)
     started = time.perf_counter()
+    if centroids is not None and plan.kind in ("ivfflat", "ivfsq8"):
+        faiss.extract_index_ivf(index).quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     log.info("trained %s on %d rows in %.1fs", plan.factory, len(sample), time.perf_counter() - started)
     return index
 
 
+def coarse_centroids(index: faiss.Index) -> np.ndarray:
+    """The centroids of an IVF index's coarse quantizer, float32 [nlist, D] (in OPQ's rotated
+    space for ivfpq)."""
+    ivf = faiss.extract_index_ivf(index)
+    return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+
 def ivf_part(index: faiss.Index) -> faiss.Index:
-    """The OPQ+IVF-PQ part of an ivfpq index (the base of its Refine, if any)."""
+    """The IVF part of an IVF index: for ivfpq its OPQ+IVF-PQ (the base of its Refine, if any),
+    for ivfflat and ivfsq8 the index itself."""
     index = faiss.downcast_index(index)
     return faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
 
 
 def add_vectors(index: faiss.Index, vectors: np.ndarray, start: int) -> None:
-    """Append rows start, start+1, ... (ivfpq: ids given explicitly, so shards can be added apart)."""
+    """Append rows start, start+1, ... (IVF kinds: ids given explicitly, so shards can be added apart)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not isinstance(faiss.downcast_index(index), (faiss.IndexRefine, faiss.IndexPreTransform)):
+    if not isinstance(faiss.downcast_index(index), (faiss.IndexRefine, faiss.IndexPreTransform, faiss.IndexIVF)):
         index.add(vectors)
         return
     index = faiss.downcast_index(index)
@@ -81,7 +97,7 @@ def add_truth(heap: faiss.ResultHeap, queries: np.ndarray, vectors: np.ndarray, 
 
 def remove_rows(index: faiss.Index, removed: np.ndarray) -> None:
     """Drop the rows where `removed` is True and renumber the others 0..n-1, keeping their order
-    (flat: faiss compacts itself; ivfpq: the inverted lists' ids are rewritten). Not for hnsw."""
+    (flat: faiss compacts itself; the IVF kinds: the inverted lists' ids are rewritten). Not for hnsw."""
     gone = np.flatnonzero(removed).astype(np.int64)
     if not len(gone):
         return
@@ -110,7 +126,7 @@ def remove_rows(index: faiss.Index, removed: np.ndarray) -> None:
 
 
 def in_memory(index: faiss.Index) -> faiss.Index:
-    """An ivfpq index whose inverted lists live on disk (the distributed build's layout), with its
+    """An IVF index whose inverted lists live on disk (the distributed build's layout), with its
     lists copied into memory so it can be changed and serialised as one file."""
     from faiss.contrib.inspect_tools import get_invlist
 

@@ -1,11 +1,13 @@
-"""Which FAISS index fits N vectors of dimension D in a memory budget (choose_index), and what
-an existing index is (plan_of).
+"""Which FAISS indexes fit N vectors of dimension D in a memory budget (candidates, choose_index),
+and what an existing index is (plan_of).
 
 Every embedding is L2-normalised, so every index ranks by inner product.
   flat   exact IndexFlatIP, when N <= FLAT_MAX_ROWS (50k; a query scans all N x D floats, see
          bench/index.py for what that costs) and N*D*4 bytes fit the budget;
   hnsw   IndexHNSWFlat (M=32, efConstruction=64) when its estimated memory N*(4D + 8M + 16)
          (the vectors, 2M int32 links on level 0, ~1 link above, offsets) fits the budget;
+  ivfflat "IVF{nlist},Flat": the vectors in inverted lists, N*(4D + 8) bytes plus the centroids;
+  ivfsq8  "IVF{nlist},SQ8": 8-bit scalar-quantised vectors in inverted lists, N*(D + 8) bytes;
   ivfpq  "OPQ{m},IVF{nlist},PQ{m}" through index_factory, nlist = 4*sqrt(N) (at most N/39, so
          k-means has 39 points per list), m = D/8 bytes of PQ code per vector; re-ranked with
          8-bit scalar-quantised copies ("Refine(SQ8)", D bytes more per vector) when those fit
@@ -13,6 +15,13 @@ Every embedding is L2-normalised, so every index ranks by inner product.
          Trained on a seeded sample of max(39*nlist, min(256*nlist, 100k)) rows; OPQ with 25
          iterations on at most 32768 rows (faiss's defaults: 50 on 65536, twice the time).
 The budget is the index's memory when served, not the build's.
+
+A build does not trust one guess (bench/index.py --data hard: on nearly isotropic clusters HNSW
+and IVF-PQ stop short of the target at any setting, IVF-Flat reaches it). `candidates` lists every
+kind that fits the budget in order of expected search speed at a given recall,
+    hnsw, ivfpq (with re-ranking), ivfsq8, ivfflat, flat (exact: always reaches the target),
+and koclip.index.build tries them in that order, publishing the first that reaches the target.
+Up to FLAT_MAX_ROWS rows, auto is exact search alone.
 """
 from __future__ import annotations
 
@@ -25,7 +34,9 @@ import faiss
 from koclip.errors import IndexBuildError
 
 
-KINDS = ("flat", "hnsw", "ivfpq")
+KINDS = ("flat", "hnsw", "ivfflat", "ivfsq8", "ivfpq")
+IVF_KINDS = ("ivfflat", "ivfsq8", "ivfpq")  # trained (k-means) and streamed by the build
+SPEED_ORDER = ("hnsw", "ivfpq", "ivfsq8", "ivfflat", "flat")  # expected fastest first
 FLAT_MAX_ROWS = 50_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
@@ -79,6 +90,8 @@ def estimate_memory(kind: str, n: int, dim: int, *, nlist: int = 0, pq_m: int = 
         return n * dim * 4
     if kind == "hnsw":
         return n * (4 * dim + 8 * HNSW_M + 16)
+    if kind in ("ivfflat", "ivfsq8"):
+        return n * ((4 * dim if kind == "ivfflat" else dim) + 8) + nlist * dim * 4 + 2 * dim * 4
     codebooks = nlist * dim * 4 + dim * dim * 4 + 256 * dim * 4  # IVF centroids, OPQ matrix, PQ centroids
     return n * (pq_m + 8 + (dim if refine else 0)) + codebooks
 
@@ -87,30 +100,31 @@ def _divisors(dim: int) -> list[int]:
     return [m for m in range(1, dim + 1) if dim % m == 0]
 
 
-def choose_index(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMORY, kind: str = "auto") -> Plan:
-    """The index for N vectors of dimension D within max_memory bytes; `kind` forces a type."""
-    budget = parse_memory(max_memory)
+def ivf_nlist(n: int) -> int:
+    """4*sqrt(N) inverted lists, at most N/39 (k-means wants 39 points per centroid)."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 39, 65536)))
+
+
+def _check(n: int, kind: str) -> None:
     if kind not in ("auto", *KINDS):
         raise IndexBuildError(f"index kind must be one of auto, {', '.join(KINDS)}; got {kind!r}")
     if n <= 0:
         raise IndexBuildError("there are no vectors to index")
-    flat, hnsw = estimate_memory("flat", n, dim), estimate_memory("hnsw", n, dim)
-    if kind == "auto":
-        if n <= FLAT_MAX_ROWS and flat <= budget:
-            kind, why = "flat", f"{n} rows <= {FLAT_MAX_ROWS}: exact search"
-        elif hnsw <= budget:
-            kind, why = "hnsw", f"HNSW needs ~{format_bytes(hnsw)} <= budget {format_bytes(budget)}"
-        else:
-            kind, why = "ivfpq", f"HNSW would need ~{format_bytes(hnsw)} > budget {format_bytes(budget)}"
-    else:
-        why = "forced"
+
+
+def plan_for(kind: str, n: int, dim: int, budget: int, why: str = "forced") -> Plan:
+    """The Plan of one kind for N x D within `budget` (ivfpq shrinks its codes to fit; the other
+    kinds are what they are: the caller checks estimated_bytes against the budget)."""
     if kind == "flat":
-        return Plan("flat", "Flat", n, dim, flat, reason=why)
+        return Plan("flat", "Flat", n, dim, estimate_memory("flat", n, dim), reason=why)
     if kind == "hnsw":
-        return Plan("hnsw", f"HNSW{HNSW_M}", n, dim, hnsw, reason=why)
+        return Plan("hnsw", f"HNSW{HNSW_M}", n, dim, estimate_memory("hnsw", n, dim), reason=why)
     if n < IVFPQ_MIN_ROWS:
-        raise IndexBuildError(f"ivfpq needs at least {IVFPQ_MIN_ROWS} vectors to train on, there are {n}")
-    nlist = int(max(1, min(round(4 * math.sqrt(n)), n // 39, 65536)))
+        raise IndexBuildError(f"{kind} needs at least {IVFPQ_MIN_ROWS} vectors to train on, there are {n}")
+    nlist = ivf_nlist(n)
+    if kind in ("ivfflat", "ivfsq8"):
+        factory = f"IVF{nlist}," + ("Flat" if kind == "ivfflat" else "SQ8")
+        return Plan(kind, factory, n, dim, estimate_memory(kind, n, dim, nlist=nlist), nlist=nlist, reason=why)
     m = max(d for d in _divisors(dim) if d <= max(1, dim // 8))
     refine = estimate_memory("ivfpq", n, dim, nlist=nlist, pq_m=m, refine=True) <= budget
     if not refine:
@@ -126,19 +140,61 @@ def choose_index(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMORY, k
     return Plan("ivfpq", factory, n, dim, size, nlist=nlist, pq_m=m, refine=refine, reason=why)
 
 
+def candidates(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMORY, kind: str = "auto") -> list[Plan]:
+    """The plans a build tries, in order (module docstring); a forced `kind` is the only one.
+
+    auto: exact search alone up to FLAT_MAX_ROWS rows (when it fits), else every kind of
+    SPEED_ORDER whose estimated memory fits the budget (ivfpq: when some code size fits)."""
+    budget = parse_memory(max_memory)
+    _check(n, kind)
+    if kind != "auto":
+        return [plan_for(kind, n, dim, budget)]
+    flat = estimate_memory("flat", n, dim)
+    if n <= FLAT_MAX_ROWS and flat <= budget:
+        return [plan_for("flat", n, dim, budget, f"{n} rows <= {FLAT_MAX_ROWS}: exact search")]
+    plans = []
+    for name in SPEED_ORDER:
+        if name in IVF_KINDS and n < IVFPQ_MIN_ROWS:
+            continue
+        try:
+            plan = plan_for(name, n, dim, budget, f"fits the budget {format_bytes(budget)}")
+        except IndexBuildError:  # ivfpq: not even 1-byte codes fit
+            continue
+        if plan.estimated_bytes <= budget:
+            plans.append(plan)
+    if not plans:
+        smallest = plan_for("ivfpq", n, dim, budget) if n >= IVFPQ_MIN_ROWS else plan_for("flat", n, dim, budget)
+        raise IndexBuildError(f"no index of {n} x {dim} vectors fits a budget of {format_bytes(budget)} "
+                              f"(the smallest needs ~{format_bytes(smallest.estimated_bytes)}); raise max_memory")
+    return plans
+
+
+def choose_index(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMORY, kind: str = "auto") -> Plan:
+    """The first index a build of N vectors of dimension D within max_memory bytes tries."""
+    return candidates(n, dim, max_memory, kind)[0]
+
+
 def kind_of(index: faiss.Index) -> str:
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexFlat):
         return "flat"
-    return "hnsw" if isinstance(index, faiss.IndexHNSW) else "ivfpq"
+    if isinstance(index, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(index, faiss.IndexIVFFlat):
+        return "ivfflat"
+    return "ivfsq8" if isinstance(index, faiss.IndexIVFScalarQuantizer) else "ivfpq"
 
 
 def plan_of(index: faiss.Index, n: int, max_memory: int = DEFAULT_MAX_MEMORY) -> Plan:
     """The Plan an existing (or trained) index follows, for N rows."""
     kind, dim = kind_of(index), index.d
-    if kind != "ivfpq":
-        return choose_index(n, dim, max_memory, kind)
+    if kind in ("flat", "hnsw"):
+        return plan_for(kind, n, dim, max_memory, "given")
     ivf = faiss.extract_index_ivf(index)
+    if kind != "ivfpq":
+        factory = f"IVF{ivf.nlist}," + ("Flat" if kind == "ivfflat" else "SQ8")
+        return Plan(kind, factory, n, dim, estimate_memory(kind, n, dim, nlist=ivf.nlist), nlist=ivf.nlist,
+                    reason="given")
     m, refine = faiss.downcast_index(ivf).pq.M, isinstance(faiss.downcast_index(index), faiss.IndexRefine)
     factory = f"OPQ{m},IVF{ivf.nlist},PQ{m}" + (",Refine(SQ8)" if refine else "")
     size = estimate_memory("ivfpq", n, dim, nlist=ivf.nlist, pq_m=m, refine=refine)

@@ -6,21 +6,22 @@ Their ground truth is exact inner-product search over the indexed rows; recall@1
 those 10 true neighbours the index returns among its 10. So the queries are vectors the index
 does not hold, like new items (a query that is itself in an HNSW graph leads the search straight
 to its neighbours, which overstates recall; bench/index.py measured both). The smallest efSearch
-(hnsw) or nprobe (ivfpq; with re-ranking, then the smallest k_factor at that nprobe, then nprobe
-again) reaching the target is kept, found by doubling then bisection (recall is assumed to grow
-with the parameter). If the target is not reached, the largest setting tried is kept,
-Tuning.reached is False and a warning is logged.
+(hnsw) or nprobe (the IVF kinds; for ivfpq with re-ranking, then the smallest k_factor at that
+nprobe, then nprobe again) reaching the target is kept, found by doubling then bisection (recall
+is assumed to grow with the parameter). If the target is not reached, the largest setting tried
+is kept and Tuning.reached is False: koclip.index.build then tries the next candidate.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
 from koclip.index.faiss_ops import add_truth, add_vectors, copy_index, new_index, train
-from koclip.index.plan import DEFAULT_TARGET_RECALL, KF_MAX, RECALL_K, Plan, kind_of
+from koclip.index.plan import DEFAULT_TARGET_RECALL, IVF_KINDS, KF_MAX, RECALL_K, Plan, kind_of
 
 log = logging.getLogger("koclip.index")
 
@@ -50,6 +51,7 @@ class Tuning:
     recall: float
     reached: bool
     queries: int
+    query_ms: float = 0.0  # the final measurement's batched search time per query, all threads
 
 
 def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
@@ -89,12 +91,14 @@ def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
             nprobe, _ = smallest("nprobe", 1, nprobe, {"k_factor": kf})
             fixed = {"k_factor": kf}
         params = {"nprobe": nprobe, **fixed}
+    started = time.perf_counter()
     recall = measure(params)
+    query_ms = (time.perf_counter() - started) * 1000 / max(1, len(queries))
     reached = reached and recall >= target_recall
     if not reached:
-        log.warning("%s index reaches recall@%d %.3f < target %.3f even at %s", kind, RECALL_K, recall,
-                    target_recall, params)
-    return Tuning(params, recall, reached, len(queries))
+        log.info("%s index reaches recall@%d %.3f < target %.3f even at %s", kind, RECALL_K, recall,
+                 target_recall, params)
+    return Tuning(params, recall, reached, len(queries), query_ms)
 
 
 def query_rows(n: int, queries: int, seed: int) -> np.ndarray:
@@ -114,26 +118,44 @@ def holdout_order(n: int, held_out: np.ndarray) -> np.ndarray:
     return np.concatenate([np.flatnonzero(rest), np.asarray(held_out, dtype=np.int64)])
 
 
-def build_and_tune(plan: Plan, vectors: np.ndarray, held_out: np.ndarray,
-                   target_recall: float = DEFAULT_TARGET_RECALL, seed: int = 0, trained: faiss.Index | None = None,
-                   chunk: int = 65536) -> tuple[faiss.Index, faiss.Index | None, Tuning, np.ndarray]:
-    """(index, trained or None, tuning, order): `vectors` indexed in holdout_order (order[r] is the
-    input row of index row r), tuned on the held-out query rows before they were added."""
+def holdout_truth(vectors: np.ndarray, held_out: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """The held-out query rows' exact top RECALL_K among the other rows, as index rows (the
+    holdout_order numbering): the ground truth build_and_tune computes, for reuse across builds."""
     order = holdout_order(len(vectors), held_out)
     rest = len(vectors) - len(held_out)
     queries = np.ascontiguousarray(vectors[held_out], dtype=np.float32)
-    if plan.kind == "ivfpq":
+    heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True)
+    for start in range(0, rest, chunk):
+        add_truth(heap, queries, np.ascontiguousarray(vectors[order[start:min(start + chunk, rest)]]), start)
+    heap.finalize()
+    return heap.I
+
+
+def build_and_tune(plan: Plan, vectors: np.ndarray, held_out: np.ndarray,
+                   target_recall: float = DEFAULT_TARGET_RECALL, seed: int = 0, trained: faiss.Index | None = None,
+                   chunk: int = 65536, truth: np.ndarray | None = None
+                   ) -> tuple[faiss.Index, faiss.Index | None, Tuning, np.ndarray]:
+    """(index, trained or None, tuning, order): `vectors` indexed in holdout_order (order[r] is the
+    input row of index row r), tuned on the held-out query rows before they were added. `truth`:
+    holdout_truth(vectors, held_out), when already known (else found while adding)."""
+    order = holdout_order(len(vectors), held_out)
+    rest = len(vectors) - len(held_out)
+    queries = np.ascontiguousarray(vectors[held_out], dtype=np.float32)
+    if plan.kind in IVF_KINDS:
         trained = trained if trained is not None else train(plan, vectors[train_rows(plan, seed)])
         index = copy_index(trained)
     else:
         index = new_index(plan)
-    heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True)
+    heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True) if truth is None else None
     for start in range(0, rest, chunk):  # in chunks: no second copy of the corpus
         part = vectors[order[start:min(start + chunk, rest)]]
         add_vectors(index, part, start)
-        add_truth(heap, queries, part, start)
+        if heap is not None:
+            add_truth(heap, queries, np.ascontiguousarray(part), start)
         log.info("%s: added %d/%d rows", plan.kind, start + len(part), len(vectors))
-    heap.finalize()
-    tuning = tune(index, queries, heap.I, target_recall)
+    if heap is not None:
+        heap.finalize()
+        truth = heap.I
+    tuning = tune(index, queries, truth, target_recall)
     add_vectors(index, queries, rest)
     return index, trained, tuning, order

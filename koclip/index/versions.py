@@ -147,9 +147,7 @@ def make_meta(*, version: str, plan: Plan, tuning: Tuning, store_root: str | Non
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kind": plan.kind, "factory": plan.factory, "metric": "inner_product", "layout": layout,
         "search_params": tuning.params,
-        "build_params": {"nlist": plan.nlist, "pq_m": plan.pq_m, "refine": "SQ8" if plan.refine else None,
-                         "train_rows": plan.train_rows} if plan.kind == "ivfpq" else
-                        ({"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION} if plan.kind == "hnsw" else {}),
+        "build_params": build_params(plan),
         "count": count, "dim": dim, "column": column, "fingerprint": fingerprint, "model_config": model_config,
         "store_root": store_root,
         "recall_at_10": round(tuning.recall, 4), "recall_queries": tuning.queries,
@@ -158,6 +156,15 @@ def make_meta(*, version: str, plan: Plan, tuning: Tuning, store_root: str | Non
         "max_memory": max_memory, "estimated_bytes": plan.estimated_bytes, "index_bytes": index_bytes,
         "choice": plan.reason, "build_seconds": round(build_seconds, 2), **extra,
     }
+
+
+def build_params(plan: Plan) -> dict:
+    if plan.kind == "ivfpq":
+        return {"nlist": plan.nlist, "pq_m": plan.pq_m, "refine": "SQ8" if plan.refine else None,
+                "train_rows": plan.train_rows}
+    if plan.kind in ("ivfflat", "ivfsq8"):
+        return {"nlist": plan.nlist, "train_rows": plan.train_rows}
+    return {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION} if plan.kind == "hnsw" else {}
 
 
 @contextmanager
