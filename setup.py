@@ -25,8 +25,8 @@ DEMO = ["emoji>=2.14", "konlpy>=0.6"] + TRAIN
 # `build` makes the sdist that --setup_file stages for Dataflow workers.
 GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77", "build>=1.2"] + PIPELINE
 APP = ["streamlit>=1.50"]
-# The query service (koclip.serve): Starlette on uvicorn.
-SERVE = ["starlette>=0.47", "uvicorn>=0.35"]
+# The query service (koclip.serve): Starlette on uvicorn, metrics through prometheus-client.
+SERVE = ["starlette>=0.47", "uvicorn>=0.35", "prometheus-client>=0.20"]
 DEV = [
     "pytest>=8",
     # CPU build from the local wheel; an unpinned torch pulls a multi-GB CUDA build.
