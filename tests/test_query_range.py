@@ -13,7 +13,7 @@ import pytest
 
 from koclip import query
 from koclip.index import build_index, load_index
-from koclip.query import api
+from koclip.query import ranges
 from koclip.store import Row, rows_to_table, write_shard
 
 DIM = 16
@@ -92,13 +92,13 @@ def test_widening_k_equals_faiss_range_search(indexes, corpus):
     index = indexes["flat"]
     queries = unit_rows(10, seed=2)
     for min_score, cap in ((0.9, None), (0.5, None), (0.5, 100), (0.2, None)):
-        by_range = api.range_rows(index, queries, min_score, cap)
-        by_widening = api.widening_range_rows(index, queries, min_score, cap)
+        by_range = ranges.range_rows(index, queries, min_score, cap)
+        by_widening = ranges.widening_range_rows(index, queries, min_score, cap)
         for (s1, r1), (s2, r2) in zip(by_range, by_widening):
             assert list(r1) == list(r2)
             np.testing.assert_allclose(s1, s2, atol=1e-6)
     # a threshold every row passes: the widening reaches the whole index
-    (scores, rows), = api.widening_range_rows(index, queries[:1], -2.0, None)
+    (scores, rows), = ranges.widening_range_rows(index, queries[:1], -2.0, None)
     assert len(rows) == len(index) and len(set(rows.tolist())) == len(index)
 
 
@@ -131,7 +131,7 @@ def test_dedup_links_groups_as_clip_back(tmp_path):
     e = d + 0.05 * np.eye(DIM, dtype=np.float32)[3]  # nearly d, ranked just below it
     vectors = np.stack([a, b, c, d, e / np.linalg.norm(e)])
     assert vectors[0] @ vectors[1] > 0.94 and vectors[1] @ vectors[2] > 0.94 and vectors[0] @ vectors[2] < 0.94
-    assert list(api.dedup_keep(vectors, 0.94)) == [True, False, False, True, False]
+    assert list(ranges.dedup_keep(vectors, 0.94)) == [True, False, False, True, False]
 
     root = str(tmp_path / "dup")
     build_index(write_store(str(tmp_path / "store"), vectors), root, kind="flat")
@@ -165,7 +165,7 @@ def test_min_score_and_dedup_together_and_bad_values(indexes, corpus):
     q = corpus[10]
     both = query.search(q, k=None, index=index, min_score=0.6, dedup=0.9)
     ranged = query.search(q, k=None, index=index, min_score=0.6)
-    keep = api.dedup_keep(np.stack([corpus[int(h.id[4:])] for h in ranged]), 0.9)
+    keep = ranges.dedup_keep(np.stack([corpus[int(h.id[4:])] for h in ranged]), 0.9)
     assert [h.id for h in both] == [h.id for h, k in zip(ranged, keep) if k]
     for bad in ({"k": None}, {"k": 0, "min_score": 0.5}, {"min_score": "0.5"}, {"min_score": float("nan")},
                 {"dedup": True}, {"dedup": float("inf")}):
