@@ -166,6 +166,8 @@ class Attempt:
     def record(self) -> dict:
         return {"kind": self.plan.kind, "factory": self.plan.factory, "estimated_bytes": self.plan.estimated_bytes,
                 "search_params": self.tuning.params, "recall_at_10": round(self.tuning.recall, 4),
+                "recall_lower_bound": (None if self.tuning.recall_lower_bound is None
+                                       else round(self.tuning.recall_lower_bound, 4)),
                 "target_reached": self.tuning.reached, "query_ms": round(self.tuning.query_ms, 3),
                 "build_seconds": round(self.seconds, 2)}
 
@@ -223,7 +225,8 @@ def refusal(attempts: list[Attempt], target_recall: float, budget: int, forced: 
     params = ", ".join(f"{k}={v}" for k, v in best.tuning.params.items())
     tried = "; ".join(f"{a.plan.kind} {a.tuning.recall:.3f}" for a in attempts)
     head = (f"no index reaches recall@{RECALL_K} {target_recall}: tried {tried}; the best was {best.plan.kind} "
-            f"({best.plan.factory}) at {best.tuning.recall:.3f} with {params}")
+            f"({best.plan.factory}) at {best.tuning.recall:.3f} with {params} (95% lower bound over "
+            f"{best.tuning.queries} held-out queries: {best.tuning.recall_lower_bound:.3f})")
     if forced:
         return head + "; choose another --kind (auto tries every kind that fits), or pass --allow-below-target"
     flat = estimate_memory("flat", best.plan.n, best.plan.dim)
@@ -397,7 +400,7 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
         elif plan.kind == "flat":
             remove_rows(index, removed)
             add_vectors(index, new_vectors, kept)
-            tuning = Tuning({}, 1.0, True, 0)  # exact search: nothing to tune or measure
+            tuning = Tuning({}, 1.0, True, 0, recall_lower_bound=1.0)  # exact search: nothing to tune or measure
             common["candidates"] = meta.get("candidates", [])
         else:  # an IVF kind in place, with its trained quantizer
             plan = plan_of(index, len(rows), budget)
@@ -405,7 +408,8 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
             remove_rows(index, removed)
             add_vectors(index, new_vectors, kept)
             trained = read_index_file(fs.join(prev.path, "trained.faiss"))
-            tuning = Tuning(meta["search_params"], meta["recall_at_10"], meta["target_reached"], meta["recall_queries"])
+            tuning = Tuning(meta["search_params"], meta["recall_at_10"], meta["target_reached"], meta["recall_queries"],
+                            recall_lower_bound=meta.get("recall_lower_bound"))
             common["recall_version"] = meta["recall_version"]
             common["candidates"] = meta.get("candidates", [])
         log.info("extend %s: -%d +%d rows -> %d (%s)", prev.version, int(removed.sum()), len(new_rows), len(rows),

@@ -151,6 +151,7 @@ def make_meta(*, version: str, plan: Plan, tuning: Tuning, store_root: str | Non
         "count": count, "dim": dim, "column": column, "fingerprint": fingerprint, "model_config": model_config,
         "store_root": store_root,
         "recall_at_10": round(tuning.recall, 4), "recall_queries": tuning.queries,
+        "recall_lower_bound": None if tuning.recall_lower_bound is None else round(tuning.recall_lower_bound, 4),
         "recall_queries_from": "corpus rows held out of the index while tuning", "target_recall": target_recall,
         "target_reached": tuning.reached, "recall_version": version,
         "max_memory": max_memory, "estimated_bytes": plan.estimated_bytes, "index_bytes": index_bytes,
