@@ -12,6 +12,8 @@ pyarrow, pandas or duckdb (`SELECT * FROM 'out/shard-*.parquet'`). Columns:
   image_embedding     fixed_size_list<float32 | float16, D>   L2-normalised
   caption_embeddings  list<fixed_size_list<float32 | float16, D>>   one per caption, in order
   fingerprint         string      the fingerprint of the model that made the embeddings
+  (kept columns)      string      optional, after these: input columns a run kept (pipelines.embed
+                                  --keep-columns, img2dataset's `url`), the same in every shard of a run
 
 Each file's metadata also holds `koclip.fingerprint`, `koclip.config` (the model's
 config.json), `koclip.dim`, `koclip.embedding_dtype` and `koclip.schema_version`, so a shard
@@ -41,7 +43,8 @@ _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 EMBEDDING_COLUMNS = ("image_embedding", "caption_embeddings")
 
 
-def schema(dim: int, embedding_dtype: str = "float32", metadata: dict | None = None) -> pa.Schema:
+def schema(dim: int, embedding_dtype: str = "float32", metadata: dict | None = None,
+           extra_columns: Sequence[str] = ()) -> pa.Schema:
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise StoreError(f"embedding dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {embedding_dtype!r}")
     vector = pa.list_(EMBEDDING_DTYPES[embedding_dtype], dim)
@@ -56,6 +59,7 @@ def schema(dim: int, embedding_dtype: str = "float32", metadata: dict | None = N
         ("image_embedding", vector),
         ("caption_embeddings", pa.list_(vector)),
         ("fingerprint", pa.string()),
+        *((name, pa.string()) for name in extra_columns),
     ], metadata=metadata)
 
 
@@ -82,6 +86,7 @@ class Row:
     image_embedding: np.ndarray  # [D]
     caption_embeddings: np.ndarray  # [len(captions), D]
     split: str | None = None
+    extra: dict | None = None  # kept columns: name -> string or None
 
 
 def _vectors(rows: np.ndarray, dim: int, embedding_dtype: str) -> pa.FixedSizeListArray:
@@ -90,8 +95,8 @@ def _vectors(rows: np.ndarray, dim: int, embedding_dtype: str) -> pa.FixedSizeLi
 
 
 def rows_to_table(rows: Sequence[Row], fingerprint: str, config: dict, dim: int,
-                  embedding_dtype: str = "float32") -> pa.Table:
-    target = schema(dim, embedding_dtype, file_metadata(fingerprint, config, dim, embedding_dtype))
+                  embedding_dtype: str = "float32", extra_columns: Sequence[str] = ()) -> pa.Table:
+    target = schema(dim, embedding_dtype, file_metadata(fingerprint, config, dim, embedding_dtype), extra_columns)
     images = np.stack([r.image_embedding for r in rows]) if rows else np.zeros((0, dim), np.float32)
     if images.shape[1:] != (dim,):
         raise StoreError(f"image embeddings have shape {images.shape[1:]}, the store's dimension is {dim}")
@@ -114,6 +119,7 @@ def rows_to_table(rows: Sequence[Row], fingerprint: str, config: dict, dim: int,
         "image_embedding": _vectors(images, dim, embedding_dtype),
         "caption_embeddings": pa.ListArray.from_arrays(pa.array(offsets), _vectors(flat_captions, dim, embedding_dtype)),
         "fingerprint": pa.array([fingerprint] * len(rows), pa.string()),
+        **{name: pa.array([(r.extra or {}).get(name) for r in rows], pa.string()) for name in extra_columns},
     }
     return pa.Table.from_arrays(list(columns.values()), schema=target)
 

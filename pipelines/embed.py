@@ -39,8 +39,8 @@ from apache_beam.options.pipeline_options import DirectOptions, StandardOptions,
 from koclip import fs
 from koclip.cli import run_cli
 from koclip.errors import KoclipError
-from pipelines.listing import (Listing, ListingDigest, Unit, input_root, iter_units, read_unit_file,
-                               unit_file_bytes)
+from pipelines.inputs import InputOptions, open_input, read_shard_unit
+from pipelines.listing import ListingDigest, Unit, input_root, read_unit_file, unit_file_bytes
 from pipelines.options import EmbedOptions, parse
 from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
@@ -163,18 +163,21 @@ def plan(opts: EmbedOptions) -> Plan:
     fingerprint, config, dim = _load_model_info(model, is_default=opts.model is None)
     run_info = {"input": source, "unit_size": opts.unit_size, "fingerprint": fingerprint,
                 "embedding_dtype": opts.embedding_dtype, "model": model}
+    if opts.input_format or opts.keep_columns:
+        run_info.update(input_format=opts.input_format, keep_columns=opts.keep_columns)
     _remove_partial_files(output)
     previous = None if opts.overwrite else _previous_run(output)
     _refuse_if_changed(output, previous, run_info, ("unit_size", "fingerprint", "embedding_dtype"))
     done = {} if opts.overwrite else _done_markers(output)
-    listing = Listing(source, refuse_bad_rows=opts.strict)
+    listing = open_input(source, opts.input_format, input_options(opts), refuse_bad_rows=opts.strict)
     digest, units, pending = _cut_units(listing, output, opts.unit_size, done)
     if not listing.complete:
         log.warning("%s repeats ids: listing it again, each later row of an id a dead letter", source)
         digest, units, pending = _cut_units(listing, output, opts.unit_size, done)
-    items = sum(u.size for u in units)
+    items = sum(u.size or 0 for u in units)  # a tar without a sidecar is counted by its worker
     rejects = listing.rejects
     run_info.update(listing=digest.hexdigest(), items=items, units=len(units), rows=items + len(rejects),
+                    kept_columns=list(listing.kept_columns),
                     listing_dead_letters=len(rejects),
                     listing_dead_letter_reasons=dict(Counter(r.reason for r in rejects)))
     # A different listing is only known once it is read: the unit files just written then hold
@@ -187,18 +190,27 @@ def plan(opts: EmbedOptions) -> Plan:
     return Plan(source, output, model, fingerprint, config, dim, units, pending, run_info)
 
 
-def _cut_units(listing: Listing, output: str, unit_size: int, done: dict[int, dict]):
-    """One pass over the listing: (its digest, every unit's ref, the refs still to embed); the
-    pending units' files are written as they are cut, in batches."""
+def input_options(opts: EmbedOptions) -> InputOptions:
+    from pipelines.inputs import parse_keep_columns
+
+    return InputOptions(opts.id_column, opts.caption_field, opts.image_column, parse_keep_columns(opts.keep_columns))
+
+
+def _cut_units(listing, output: str, unit_size: int, done: dict[int, dict]):
+    """One pass over the listing (a pipelines.inputs `Input`): (its digest, every unit's ref, the
+    refs still to embed); the pending units' files are written as they are cut, in batches."""
     digest, units, pending, to_write, buffered = ListingDigest(), [], [], [], 0
-    for unit in iter_units(listing, unit_size):
-        digest.update(unit.items)
-        ref = UnitRef(unit.index, unit.key, len(unit.items))
+    for unit in listing.units(unit_size):
+        if unit.shard is not None:
+            digest.update_key(unit.key)
+        else:
+            digest.update(unit.items)
+        ref = UnitRef(unit.index, unit.key, unit.size)
         units.append(ref)
         if done.get(unit.index, {}).get("key") != unit.key:
             pending.append(ref)
             to_write.append(unit)
-            buffered += len(unit.items)
+            buffered += max(len(unit.items), 1)
             if buffered >= _UNIT_FILE_BATCH_ITEMS:
                 _write_unit_files(output, to_write)
                 to_write, buffered = [], 0
@@ -214,9 +226,13 @@ def _write_unit_files(output: str, units: list[Unit]) -> None:
     fs.write_many({_unit_file(output, u.index): unit_file_bytes(u) for u in units})
 
 
-def _unit_items(element: tuple[UnitRef, str]):
+def _unit_items(element: tuple[UnitRef, str], read_options: dict):
+    """A unit's elements: (ref, item) for items read whole from their uri, (ref, item, Payload) for
+    a unit of a shard format (its tar or Parquet rows streamed here, pipelines.inputs)."""
     ref, path = element
     unit = read_unit_file(path, ref.index, ref.key)
+    if unit.shard is not None:
+        return read_shard_unit(unit, ref, read_options)
     return ((ref, item) for item in unit.items)
 
 
@@ -231,12 +247,15 @@ def build(pipeline: beam.Pipeline, p: Plan, opts: EmbedOptions):
         pipeline
         # Create reshuffles its elements: the units spread over the workers.
         | "Units" >> beam.Create([(ref, _unit_file(p.output, ref.index)) for ref in p.pending])
-        | "Items" >> beam.FlatMap(_unit_items)
+        | "Items" >> beam.FlatMap(_unit_items, {"max_bytes": opts.max_bytes, "caption_field": opts.caption_field,
+                                                "id_column": opts.id_column,
+                                                "keep_columns": input_options(opts).keep_columns})
         | "Decode" >> beam.ParDo(DecodeItem(ImagePreprocessor.from_config(config, opts.max_pixels),
                                             caption_root=opts.caption_root or input_root(p.source),
                                             max_bytes=opts.max_bytes))
         | "Embed" >> RunInference(handler)
-        | "Write" >> beam.ParDo(WriteUnits(p.output, p.fingerprint, p.config, p.dim, opts.embedding_dtype)))
+        | "Write" >> beam.ParDo(WriteUnits(p.output, p.fingerprint, p.config, p.dim, opts.embedding_dtype,
+                                           tuple(p.run_info["kept_columns"]))))
 
 
 def _local_runner(options):

@@ -36,6 +36,23 @@ class EmbedOptions(PipelineOptions):
                             help="a manifest (.jsonl/.csv/.parquet with id, image, captions) or a folder / "
                                  "glob of images with optional x.txt caption sidecars; local or gs:// "
                                  "(default: the emoji-ko sample)")
+        parser.add_argument("--input-format", "--input_format", dest="input_format", default=None,
+                            choices=("manifest", "images", "manifests", "webdataset", "parquet", "files"),
+                            help="what --input is (default: told from the path; docs/inputs.md): one manifest, "
+                                 "a folder/glob of images, of manifest shards, of WebDataset tars, of Parquet "
+                                 "with image bytes, or img2dataset's files output")
+        parser.add_argument("--id-column", "--id_column", dest="id_column", default=None, metavar="NAME",
+                            help="the column (sidecar / Parquet) or .json field (tars) that holds the ids "
+                                 "(default: img2dataset's key)")
+        parser.add_argument("--caption-field", "--caption_field", dest="caption_field", default=None, metavar="NAME",
+                            help="take captions from this .json field of a tar sample or Parquet column "
+                                 "(default: the .txt member, or the caption / txt column)")
+        parser.add_argument("--image-column", "--image_column", dest="image_column", default=None, metavar="NAME",
+                            help="the Parquet column of image bytes or {bytes, path} structs "
+                                 "(default: jpg, png, webp, image, ...)")
+        parser.add_argument("--keep-columns", "--keep_columns", dest="keep_columns", default=None, metavar="A,B",
+                            help="input columns (manifest keys, sidecar / Parquet columns, .json fields) kept "
+                                 "into the shards as string columns")
         parser.add_argument("--output", default=None,
                             help="folder for the shards, dead letters and run state, local or gs:// "
                                  "(default: ~/.cache/koclip/embeddings/emoji-ko)")

@@ -24,11 +24,21 @@ NAMESPACE = "koclip.embed"
 
 @dataclass(frozen=True)
 class UnitRef:
-    """Which work unit an element belongs to, and how many items that unit has."""
+    """Which work unit an element belongs to, and how many items that unit has (None on the driver
+    for a tar without a sidecar: the worker that reads it gives the elements a UnitRef with its size)."""
 
     index: int
     key: str
-    size: int
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Payload:
+    """An item's bytes as a shard reader (pipelines.inputs) got them from a tar member or a Parquet
+    cell, or why it could not: (stage, reason, message)."""
+
+    data: bytes | None = None
+    failure: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -69,7 +79,7 @@ def _inside(path: str, root: str) -> bool:
 
 
 class DecodeItem(beam.DoFn):
-    """(UnitRef, Item) -> Decoded, or a DeadLetter.
+    """(UnitRef, Item) or (UnitRef, Item, Payload) -> Decoded, or a DeadLetter.
 
     Reads are bounded: an image of more than `max_bytes` and a caption file of more than
     CAPTION_MAX_BYTES are dead letters, read no further than the limit. A caption file must lie
@@ -91,17 +101,17 @@ class DecodeItem(beam.DoFn):
         return DeadLetter(unit, item.id, item.uri, stage, reason, message, transient)
 
     def process(self, element):
-        unit, item = element
+        unit, item, *payload = element
         self.read.inc()
         try:
-            yield self._decode(unit, item)
+            yield self._decode(unit, item, payload[0] if payload else None)
         except _Rejected as e:
             yield self._dead(unit, item, e.stage, e.reason, e.message, e.transient)
         except Exception as e:  # anything unforeseen is still this item's failure, not the job's
             yield self._dead(unit, item, "decode", "decode_failed", f"{type(e).__name__}: {e}",
                              faults.is_transient(e))
 
-    def _decode(self, unit: UnitRef, item: Item) -> Decoded:
+    def _decode(self, unit: UnitRef, item: Item, payload: Payload | None = None) -> Decoded:
         captions = item.captions
         if item.caption_uri is not None:
             if self.caption_root is not None and not _inside(item.caption_uri, self.caption_root):
@@ -116,18 +126,7 @@ class DecodeItem(beam.DoFn):
                 raise _Rejected("caption", "caption_unreadable", f"{item.caption_uri}: {e}",
                                 faults.is_transient(e)) from None
         kept = tuple(c.strip() for c in captions if c.strip())
-        try:
-            faults.check_read(item.uri)
-            data = fs.read_bytes(item.uri, self.max_bytes)
-        except FileNotFoundError:
-            raise _Rejected("read", "not_found", f"no such file: {item.uri}") from None
-        except TooLargeError:
-            raise _Rejected("read", "too_large", f"{item.uri} is over the {self.max_bytes}-byte limit "
-                            "(--max-bytes)") from None
-        except Exception as e:  # OSError, or a client library's own (aiohttp, gcsfs)
-            transient = faults.is_transient(e)
-            raise _Rejected("read", "read_failed" if transient else "unreadable", f"{type(e).__name__}: {e}",
-                            transient) from None
+        data = self._payload_bytes(item, payload) if payload is not None else self._read(item)
         try:
             image = open_image(data, self.pre.max_pixels)
         except ImageDecodeError as e:
@@ -141,6 +140,27 @@ class DecodeItem(beam.DoFn):
             Metrics.counter(NAMESPACE, "blank_captions_dropped").inc(len(captions) - len(kept))
         return Decoded(unit, item, kept, hashlib.sha256(data).hexdigest(), image.width, image.height,
                        pixels.astype(np.float32, copy=False), len(captions) - len(kept))
+
+    def _payload_bytes(self, item: Item, payload: Payload) -> bytes:
+        if payload.failure is not None:
+            raise _Rejected(*payload.failure)
+        if len(payload.data) > self.max_bytes:
+            raise _Rejected("read", "too_large", f"{item.uri} is over the {self.max_bytes}-byte limit (--max-bytes)")
+        return payload.data
+
+    def _read(self, item: Item) -> bytes:
+        try:
+            faults.check_read(item.uri)
+            return fs.read_bytes(item.uri, self.max_bytes)
+        except FileNotFoundError:
+            raise _Rejected("read", "not_found", f"no such file: {item.uri}") from None
+        except TooLargeError:
+            raise _Rejected("read", "too_large", f"{item.uri} is over the {self.max_bytes}-byte limit "
+                            "(--max-bytes)") from None
+        except Exception as e:  # OSError, or a client library's own (aiohttp, gcsfs)
+            transient = faults.is_transient(e)
+            raise _Rejected("read", "read_failed" if transient else "unreadable", f"{type(e).__name__}: {e}",
+                            transient) from None
 
 
 class _Rejected(Exception):

@@ -91,9 +91,11 @@ class _Pending:
 class WriteUnits(beam.DoFn):
     """Embedded | DeadLetter -> (files written as a side effect) -> the unit's done record."""
 
-    def __init__(self, output: str, fingerprint: str, config: dict, dim: int, embedding_dtype: str):
+    def __init__(self, output: str, fingerprint: str, config: dict, dim: int, embedding_dtype: str,
+                 extra_columns: tuple[str, ...] = ()):
         self.output, self.fingerprint, self.config = output, fingerprint, config
         self.dim, self.embedding_dtype = dim, embedding_dtype
+        self.extra_columns = extra_columns  # the input columns the run keeps (pipelines.embed --keep-columns)
         self.units_written = Metrics.counter(NAMESPACE, "units_written")
 
     def start_bundle(self):
@@ -124,7 +126,8 @@ class WriteUnits(beam.DoFn):
         # A unit redone after a partial run replaces both of its files: a stale shard or dead-letter
         # file would hold an item twice (or an item that is now the other kind).
         if pending.rows:
-            table = store.rows_to_table(pending.rows, self.fingerprint, self.config, self.dim, self.embedding_dtype)
+            table = store.rows_to_table(pending.rows, self.fingerprint, self.config, self.dim, self.embedding_dtype,
+                                        self.extra_columns)
             store.write_shard(shard_path(self.output, index), table)
         else:
             fs.remove(shard_path(self.output, index))
@@ -152,4 +155,4 @@ class WriteUnits(beam.DoFn):
 def _row(embedded: Embedded) -> store.Row:
     d = embedded.decoded
     return store.Row(d.item.id, d.item.uri, d.sha256, d.width, d.height, list(d.captions),
-                     embedded.image_embedding, embedded.caption_embeddings, d.item.split)
+                     embedded.image_embedding, embedded.caption_embeddings, d.item.split, d.item.extra)

@@ -1,0 +1,255 @@
+"""Input formats of the embedding pipeline: what a `--input` is, how the driver plans it into work
+units, and how a worker reads a unit's bytes.
+
+  format       what it is                                          module
+  manifest     one JSONL / CSV / Parquet manifest                  pipelines.listing (koclip.data.manifest)
+  images       a folder or glob of image files (+ x.txt captions)  pipelines.listing
+  manifests    a folder or glob of manifest shards                 pipelines.inputs.manifests
+  webdataset   WebDataset tars (img2dataset `webdataset` output    pipelines.inputs.webdataset
+               with its NNNNN.parquet sidecars, or any tar)
+  parquet      Parquet with image bytes (img2dataset `parquet`     pipelines.inputs.parquet_bytes
+               output; Hugging Face `datasets` {bytes, path})
+  files        img2dataset `files` output (NNNNN/key.jpg + .txt,   pipelines.inputs.files
+               beside NNNNN.parquet)
+
+`detect_format` names the format from the path (or `--input-format` does); `open_input` gives an
+`Input`: `units(unit_size)` yields its `Unit`s (pipelines.listing), `kept_columns` names the input
+columns its shards keep (--keep-columns, and img2dataset's `url` for the webdataset, parquet and
+files formats), and once a pass has ended `rejects` holds the
+rows that are not items (dead letters of stage "listing": a manifest's bad rows, img2dataset's
+failed downloads with its own status and error_message) and `complete` says whether the pass
+stands (False after a pass that met a repeated id: iterate again, each later row of the id then
+being a `duplicate_id` reject).
+
+A unit of the manifest, images, manifests and files formats lists items whose bytes are whole
+files (`Item.uri`), read by pipelines.transforms.decode. A unit of the webdataset and parquet
+formats also carries a `Shard`: the tar, or the Parquet file and row range, that the worker
+streams (`read_shard_unit`) to get each item's bytes; the driver never opens a tar, and reads a
+Parquet file's footer and its small columns only (never the image column).
+"""
+from __future__ import annotations
+
+import array
+import json
+import os
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from koclip import fs
+from koclip.data.manifest import MANIFEST_EXTENSIONS, Item, _id_hash, _repeated_hashes, is_manifest
+from koclip.data.manifest_scan import ListingReject
+from koclip.errors import KoclipError, ManifestError, UsageError
+
+FORMATS = ("manifest", "images", "manifests", "webdataset", "parquet", "files")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# Columns that hold an image's bytes in a Parquet file, in the order they are looked for:
+# img2dataset names the column after its encode format; Hugging Face datasets call it "image".
+IMAGE_BYTES_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
+SHARD_NAME = re.compile(r"^\d+$")  # img2dataset's shard names: 00000, 00001, ...
+
+
+class InputError(KoclipError):
+    """An input that cannot be planned: an unknown format, a wrong column type, no shards."""
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """The flags that say how to read an input (pipelines.options)."""
+
+    id_column: str | None = None  # default: img2dataset's `key`, a manifest's `id`
+    caption_field: str | None = None  # a .json member's field (WebDataset) or a column (Parquet)
+    image_column: str | None = None  # default: the first of IMAGE_BYTES_COLUMNS present
+    keep_columns: tuple[str, ...] = ()  # kept into the shards as string columns
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where a worker reads a unit's bytes: a tar, or rows [start, stop) of a Parquet file.
+    `listed` is False for a tar without a sidecar: its samples are found by the worker."""
+
+    format: str
+    path: str
+    start: int = 0
+    stop: int | None = None
+    listed: bool = True
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "path": self.path, "start": self.start, "stop": self.stop,
+                "listed": self.listed}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Shard":
+        return cls(raw["format"], raw["path"], raw["start"], raw["stop"], raw["listed"])
+
+
+def parse_keep_columns(text: str | None) -> tuple[str, ...]:
+    return tuple(c.strip() for c in (text or "").split(",") if c.strip())
+
+
+def kept_values(row: dict, keep_columns: tuple[str, ...]) -> dict:
+    """A row's kept columns as strings (JSON for what is not a string), null when absent: one
+    column type whatever the source, so that every shard of a run has the same schema."""
+    kept = {}
+    for name in keep_columns:
+        value = row.get(name)
+        if value is None or isinstance(value, str):
+            kept[name] = value
+        else:
+            kept[name] = json.dumps(value, ensure_ascii=False, default=str)
+    return kept
+
+
+class IdCheck:
+    """Ids unique across a whole listing in bounded memory (8-byte hashes, as
+    koclip.data.manifest_scan.ManifestScan): a pass that meets a repeated hash ends incomplete,
+    and the next pass knows the repeated hashes and names each later row of an id."""
+
+    def __init__(self):
+        self.repeated: set[int] | None = None
+        self.complete = False
+
+    def start(self) -> None:
+        self._hashes, self._first = array.array("q"), {}
+
+    def duplicate_of(self, item_id: str, where: str) -> str | None:
+        """Where the id was first seen, when this row repeats it (only known from the second pass)."""
+        item_hash = _id_hash(item_id)
+        if self.repeated and item_hash in self.repeated:
+            if item_id in self._first:
+                return self._first[item_id]
+            self._first[item_id] = where
+        self._hashes.append(item_hash)
+        return None
+
+    def end(self, source: str) -> None:
+        known = self.repeated or set()
+        unknown = _repeated_hashes(self._hashes) - known
+        if unknown and self.repeated is not None:
+            raise ManifestError(f"{source} changed while it was read (ids repeat that did not in the previous "
+                                "pass); run again")
+        self.repeated = known | unknown
+        self.complete = not unknown
+
+
+def duplicate_reject(source: str, item: Item, where: str, first: str, row: int | None = None,
+                     line: int | None = None) -> ListingReject:
+    return ListingReject(source, "duplicate_id", f"{where}: duplicate id {item.id!r} (first at {first})",
+                         line=line, row=row, id=item.id, uri=item.uri)
+
+
+# ---------------------------------------------------------------- which format
+
+
+def _is_wildcard(source: str) -> bool:
+    return any(ch in source for ch in "*?[")
+
+
+def _basename(path: str) -> str:
+    return posixpath.basename(path.rstrip("/"))
+
+
+def has_image_bytes(path: str, image_column: str | None = None) -> bool:
+    """Whether a Parquet file holds image bytes (a binary or {bytes, path} column), not paths."""
+    from pipelines.inputs.parquet_bytes import find_image_column
+
+    return find_image_column(path, image_column, refuse=False) is not None
+
+
+def detect_format(source: str, image_column: str | None = None) -> str:
+    """The format of `source` from its name and, for a folder, the names directly under it."""
+    if _is_wildcard(source):
+        tail = source.lower()
+        if tail.endswith(".tar"):
+            return "webdataset"
+        if tail.endswith(".parquet"):
+            first = next(iter(fs.glob(source)), None)
+            return "parquet" if first and has_image_bytes(first, image_column) else "manifests"
+        if tail.endswith(MANIFEST_EXTENSIONS):
+            return "manifests"
+        return "images"
+    if source.lower().endswith(".tar"):
+        return "webdataset"
+    if is_manifest(source):
+        if source.lower().endswith(".parquet") and fs.exists(source) and has_image_bytes(source, image_column):
+            return "parquet"
+        return "manifest"
+    if not fs.is_dir(source):
+        return "images"  # pipelines.listing names what is missing
+    entries = fs.ls(source)
+    names = {_basename(e["path"]): e for e in entries}
+    if any(n.endswith(".tar") for n in names):
+        return "webdataset"
+    parquets = sorted(n for n in names if n.endswith(".parquet"))
+    folders = {n for n, e in names.items() if e["type"] == "directory"}
+    if parquets and any(p[:-len(".parquet")] in folders and SHARD_NAME.match(p[:-len(".parquet")]) for p in parquets):
+        return "files"
+    if parquets and has_image_bytes(names[parquets[0]]["path"], image_column):
+        return "parquet"
+    if any(n.endswith(MANIFEST_EXTENSIONS) for n in names):
+        return "manifests"
+    return "images"
+
+
+def open_input(source: str, input_format: str | None = None, options: InputOptions = InputOptions(),
+               refuse_bad_rows: bool = False):
+    """The `Input` of `source` (module docstring), in the named or detected format."""
+    if input_format is not None and input_format not in FORMATS:
+        raise UsageError(f"--input-format must be one of {', '.join(FORMATS)}, got {input_format!r}")
+    fmt = input_format or detect_format(source, options.image_column)
+    if fmt in ("manifest", "images"):
+        from pipelines.listing import ListingInput
+
+        return ListingInput(source, options, refuse_bad_rows)
+    if fmt == "manifests":
+        from pipelines.inputs.manifests import ManifestShards
+
+        return ManifestShards(source, options)
+    if fmt == "webdataset":
+        from pipelines.inputs.webdataset import WebDatasetInput
+
+        return WebDatasetInput(source, options)
+    if fmt == "parquet":
+        from pipelines.inputs.parquet_bytes import ParquetBytesInput
+
+        return ParquetBytesInput(source, options)
+    from pipelines.inputs.files import Img2datasetFiles
+
+    return Img2datasetFiles(source, options)
+
+
+def list_paths(source: str, extensions: tuple[str, ...], what: str) -> list[str]:
+    """The files of a format's shards: `source` itself, the glob's matches, or the folder's files
+    ending in one of `extensions` (not recursive), sorted; InputError when there are none."""
+    if _is_wildcard(source):
+        paths = fs.glob(source)
+    elif source.lower().endswith(extensions):
+        if not fs.exists(source):
+            raise InputError(f"input not found: {source}")
+        return [source]
+    else:
+        if not fs.is_dir(source):
+            raise InputError(f"input not found: {source}")
+        paths = sorted(e["path"] for e in fs.ls(source) if e["type"] != "directory")
+    paths = [p for p in paths if p.lower().endswith(extensions)]
+    if not paths:
+        raise InputError(f"no {what} ({', '.join(extensions)}) found at {source}")
+    return paths
+
+
+def absolute(source: str) -> str:
+    return source if fs.is_url(source) else os.path.abspath(source)
+
+
+def read_shard_unit(unit, ref, read_options: dict | None = None) -> Iterator[tuple]:
+    """A worker reads a unit with a Shard: (UnitRef, Item, Payload) per item (the UnitRef gets its
+    size here when the driver could not know it). `read_options`: max_bytes, caption_field,
+    id_column, keep_columns, image_column."""
+    if unit.shard.format == "webdataset":
+        from pipelines.inputs.webdataset import read_tar_unit
+
+        return read_tar_unit(unit, ref, **(read_options or {}))
+    from pipelines.inputs.parquet_bytes import read_parquet_unit
+
+    return read_parquet_unit(unit, ref, **(read_options or {}))
