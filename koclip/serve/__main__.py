@@ -1,0 +1,5 @@
+import sys
+
+from koclip.serve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,266 @@
+"""The ASGI app (Starlette): clip-retrieval's routes over a `Service`, with limits, micro-batching,
+hot swapping and metrics.
+
+    POST /knn-service   clip_back's query: text | image (base64) | image_url | embedding_input
+    POST /metadata      {"ids": [...], "indice_name": ...} -> [{"id", "metadata": {...}}]
+    GET  /indices-list  the index names
+    GET  /healthz       the process answers
+    GET  /readyz        200 once the model is warmed up and every index loaded, else 503
+    GET  /metrics       Prometheus text format
+
+Threads: the model runs on one thread (one model per process, jitted once per shape), index
+searches on another, image decoding and URL fetching on a small pool; the event loop only
+parses, waits and answers. Every error is JSON {"error": kind, "message": ...}: 4xx for the
+request's fault, 404 for an unknown index or route, 503 before ready and on a timeout, and 500
+only for a bug (logged with its traceback).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from koclip.errors import ImageDecodeError
+from koclip.processing import open_image
+from koclip.serve.batcher import Direct, MicroBatcher
+from koclip.serve.metrics import Metrics
+from koclip.serve.protocol import Limits, RequestError, parse_json, parse_knn, parse_metadata
+from koclip.serve.service import Service
+
+log = logging.getLogger("koclip.serve")
+
+
+@dataclass(frozen=True)
+class Settings:
+    batching: bool = True
+    max_batch: int = 16  # also the encoders' fixed batch shape
+    batch_wait: float = 0.002  # seconds a batch waits for more queries
+    request_timeout: float = 30.0
+    poll_seconds: float = 5.0  # how often CURRENT is read for a new version; 0: never
+    allow_image_url: bool = False
+    max_pixels: int | None = None  # None: the model's preprocessor's (the pipeline's bomb limit)
+    limits: Limits = field(default_factory=Limits)
+
+
+def error_response(error: RequestError) -> JSONResponse:
+    return JSONResponse({"error": error.kind, "message": error.message}, status_code=error.status)
+
+
+class Server:
+    """The app's state and handlers."""
+
+    def __init__(self, service: Service, settings: Settings):
+        self.service, self.settings = service, settings
+        self.model = service.model
+        self.max_pixels = settings.max_pixels or self.model.preprocessor.max_pixels
+        self.metrics = Metrics()
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="koclip-model")
+        self.index_thread = ThreadPoolExecutor(1, thread_name_prefix="koclip-index")
+        self.reload_thread = ThreadPoolExecutor(1, thread_name_prefix="koclip-reload")
+        self.work_threads = ThreadPoolExecutor(4, thread_name_prefix="koclip-decode")
+        on_batch = self.metrics.batch_size.observe
+        if settings.batching:
+            self.embedder = MicroBatcher(self.embed, self.model_thread, on_batch, settings.max_batch, settings.batch_wait)
+        else:
+            self.embedder = Direct(self.embed, self.model_thread, on_batch)
+        self.ready = False
+        self._tasks: list[asyncio.Task] = []
+        for served in service.served():
+            self.metrics.set_index(served)
+
+    # ------------------------------------------------------------ work off the event loop
+
+    def embed(self, kind: str, items: list) -> np.ndarray:
+        if kind == "text":
+            return self.model.embed_texts(items)
+        return np.asarray(self.model.encoders.images(np.stack(items)), dtype=np.float32)
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        try:
+            image = open_image(data, self.max_pixels)
+        except ImageDecodeError as e:
+            if e.reason == "too_many_pixels":
+                raise RequestError(413, "too_many_pixels", f"image: {e.message}") from None
+            raise RequestError(400, "bad_image", f"image: {e.reason}: {e.message}") from None
+        return self.model.preprocessor.preprocess(image)
+
+    def fetch(self, url: str) -> bytes:
+        limit = self.settings.limits.max_body_bytes
+        request = urllib.request.Request(url, headers={"User-Agent": "koclip-serve"})
+        try:
+            # the request timeout answers first (503 timeout); this one only ends the stuck thread
+            with urllib.request.urlopen(request, timeout=self.settings.request_timeout + 5) as answer:
+                data = answer.read(limit + 1)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise RequestError(400, "image_url_failed", f"image_url could not be fetched: {e}") from None
+        if len(data) > limit:
+            raise RequestError(413, "too_large", f"image_url gave more than {limit} bytes")
+        return data
+
+    async def run(self, executor: ThreadPoolExecutor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    # ------------------------------------------------------------ lifespan
+
+    async def start(self) -> None:
+        self.embedder.start()
+        self._tasks.append(asyncio.create_task(self._warm_up(), name="koclip-warm-up"))
+        if self.settings.poll_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._poll(), name="koclip-poll-current"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.embedder.stop()
+        for executor in (self.model_thread, self.index_thread, self.reload_thread, self.work_threads):
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _warm_up(self) -> None:
+        await self.run(self.model_thread, self.model.encoders.warmup)  # every batch shape compiled
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info("ready: model %s, indexes %s", self.model.fingerprint,
+                 ", ".join(f"{s.name}/{s.modality}@{s.version}" for s in self.service.served()))
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_seconds)
+            try:
+                swapped = await self.run(self.reload_thread, self.service.reload_changed)
+            except Exception:  # a bug in reloading must not stop the polling or the serving
+                log.exception("checking for new index versions failed")
+                continue
+            for old, new in swapped:
+                self.metrics.set_index(new, old)
+            self.metrics.reload_failures.set(self.service.reload_failures)
+
+    # ------------------------------------------------------------ requests
+
+    async def body(self, request: Request) -> bytes:
+        """The body, at most max_body_bytes; a larger one is read to its end (bounded by the request
+        timeout) and refused, so the client gets the 413 rather than a reset connection."""
+        limit = self.settings.limits.max_body_bytes
+        data, size = bytearray(), 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                data += chunk
+        if size > limit:
+            raise RequestError(413, "too_large", f"the request body is {size} bytes; the limit is {limit}")
+        return bytes(data)
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise RequestError(503, "not_ready", "the model is still warming up; see GET /readyz")
+
+    async def knn(self, request: Request):
+        self.require_ready()
+        query = parse_knn(parse_json(await self.body(request)), self.settings.limits)
+        served = self.service.get(query.indice_name, query.modality)  # the version this request uses
+        if query.query_kind == "vector":
+            vector = self.service.check_vector(query.query)
+        elif query.query_kind == "text":
+            vector = await self.embedder.submit("text", query.query)
+        else:
+            if query.query_kind == "image_url":
+                if not self.settings.allow_image_url:
+                    raise RequestError(422, "image_url_disabled", "this service does not fetch image_url (start it "
+                                                                  "with --allow-image-url); send the image as base64")
+                data = await self.run(self.work_threads, self.fetch, query.query)
+            else:
+                data = query.query
+            pixels = await self.run(self.work_threads, self.pixels, data)
+            vector = await self.embedder.submit("image", pixels)
+        return await self.run(self.index_thread, self.service.knn, served, vector, query.num_images,
+                              query.num_result_ids, query.dedup, query.min_similarity)
+
+    async def metadata(self, request: Request):
+        ids, name = parse_metadata(parse_json(await self.body(request)))
+        entries = self.service.of_name(name)
+        return await self.run(self.index_thread, self.service.metadata, entries, ids)
+
+    async def indices_list(self, request: Request):
+        return list(self.service.names)
+
+    async def healthz(self, request: Request):
+        return {"status": "ok"}
+
+    async def readyz(self, request: Request):
+        info = {"ready": self.ready, "model": self.model.fingerprint, "batching": self.settings.batching,
+                "indexes": [{"name": s.name, "modality": s.modality, "version": s.version, "rows": len(s.index)}
+                            for s in self.service.served()]}
+        return JSONResponse(info, status_code=200 if self.ready else 503)
+
+    async def metrics_text(self, request: Request):
+        self.metrics.set_compiles(self.model.encoders.compiles())
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    def endpoint(self, name: str, handler, timed: bool = True):
+        """handler wrapped: the request timeout, errors as JSON, and the request metrics."""
+        async def route(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                work = handler(request)
+                result = await (asyncio.wait_for(work, self.settings.request_timeout) if timed else work)
+                response = result if isinstance(result, Response) else JSONResponse(result)
+                kind = None
+            except RequestError as e:
+                response, kind = error_response(e), e.kind
+            except asyncio.TimeoutError:
+                kind = "timeout"
+                response = error_response(RequestError(503, kind, "not answered within the request timeout "
+                                                                  f"({self.settings.request_timeout:g}s)"))
+            except Exception:
+                log.exception("%s failed", name)
+                kind = "internal"
+                response = error_response(RequestError(500, kind, "the server failed on this request (a bug; its "
+                                                                  "traceback is in the server's log)"))
+            if kind is not None:
+                self.metrics.errors.labels(kind).inc()
+            self.metrics.requests.labels(name, str(response.status_code)).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+            return response
+        return route
+
+
+def create_app(service: Service, settings: Settings | None = None) -> Starlette:
+    server = Server(service, settings or Settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = {404: "no_such_route", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        server.metrics.errors.labels(kind).inc()
+        return JSONResponse({"error": kind, "message": f"{request.method} {request.url.path}: {exc.detail}"},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    routes = [
+        Route("/knn-service", server.endpoint("knn-service", server.knn), methods=["POST"]),
+        Route("/metadata", server.endpoint("metadata", server.metadata), methods=["POST"]),
+        Route("/indices-list", server.endpoint("indices-list", server.indices_list), methods=["GET"]),
+        Route("/healthz", server.endpoint("healthz", server.healthz, timed=False), methods=["GET"]),
+        Route("/readyz", server.endpoint("readyz", server.readyz, timed=False), methods=["GET"]),
+        Route("/metrics", server.endpoint("metrics", server.metrics_text, timed=False), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.server = server
+    return app
+
