@@ -41,7 +41,11 @@ DEV = [
     # The field's dataset and index tools the tests run against. img2dataset, clip-retrieval and
     # autofaiss come from requirements-nodeps.txt (their own pins would downgrade numpy/pandas).
     "webdataset>=0.2.100",
-    "embedding-reader>=1.8",
+    # What img2dataset 1.47 imports when it runs (its logger imports wandb at load; resize uses
+    # albumentations, which it pins below 2) and what autofaiss/embedding-reader import; the three
+    # themselves come with --no-deps from requirements-nodeps.txt (embedding-reader pins pandas<3).
+    "fire>=0.4", "opencv-python-headless>=4.9", "exifread-nocycle>=3.0.1", "albumentations>=1.4,<2", "wandb>=0.17",
+    "tqdm>=4.62", "psutil>=5",
     "requests>=2.32",
     "httpx>=0.28",
 ]
