@@ -38,13 +38,6 @@ from bench.common import machine_info, print_table, write_json
 
 DEFAULT_OUT = "bench/results/soak.json"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KILLED_RUN = """
-import os, signal, sys
-from jobs import reindex
-step = sys.argv[1]
-reindex.reindex(reindex.parse_args(sys.argv[2:]),
-                on_step=lambda name: os.kill(os.getpid(), signal.SIGKILL) if name == step else None)
-"""
 
 
 class Source:
@@ -114,7 +107,7 @@ def _argv(args, source: str, work: str, index: str) -> list[str]:
 
 
 def _killed_run(step: str, argv: list[str], env: dict) -> int:
-    done = subprocess.run([sys.executable, "-c", KILLED_RUN, step, *argv], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "jobs.reindex_killed", step, *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     if done.returncode not in (-signal.SIGKILL, 0):
         raise RuntimeError(f"the killed run failed before its kill:\n{done.stderr[-2000:]}")

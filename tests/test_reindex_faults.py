@@ -30,18 +30,6 @@ from koclip import fs
 STEPS = ("embedded", "live_updated", "index_written", "published", "state_saved")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-KILLED_RUN = """
-import os, signal, sys
-from jobs import reindex
-step = sys.argv[1]
-
-def on_step(name):
-    if name == step:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-reindex.reindex(reindex.parse_args(sys.argv[2:]), on_step=on_step)
-"""
-
 BASE = {f"p{i}": f"사진 {i}" for i in range(5)}  # id -> caption
 KILLED = {**{k: v for k, v in BASE.items() if k != "p2"}, "p1": "고친 캡션", "p5": "새 사진"}
 CHANGED = {**{k: v for k, v in KILLED.items() if k not in ("p5", "p4")}, "p3": "또 고친 캡션", "p6": "나중 사진"}
@@ -70,8 +58,8 @@ def _argv(case: str, model: str) -> list[str]:
 
 
 def _kill_at(step: str, case: str, model: str, env: dict) -> int:
-    done = subprocess.run([sys.executable, "-c", KILLED_RUN, step, *_argv(case, model)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "jobs.reindex_killed", step, *_argv(case, model)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != -signal.SIGKILL:
         raise AssertionError(f"the run killed at {step} ended with {done.returncode}:\n{done.stderr[-3000:]}")
     return done.returncode
