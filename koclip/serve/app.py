@@ -45,13 +45,22 @@ log = logging.getLogger("koclip.serve")
 @dataclass(frozen=True)
 class Settings:
     batching: bool = True
-    max_batch: int = 16  # also the encoders' fixed batch shape
+    max_batch: int = 16  # the largest of the encoders' fixed batch shapes (batch_shapes)
     batch_wait: float = 0.002  # seconds a batch waits for more queries
     request_timeout: float = 30.0
     poll_seconds: float = 5.0  # how often CURRENT is read for a new version; 0: never
     allow_image_url: bool = False
     max_pixels: int | None = None  # None: the model's preprocessor's (the pipeline's bomb limit)
     limits: Limits = field(default_factory=Limits)
+
+
+def batch_shapes(max_batch: int) -> list[int]:
+    """The encoders' batch shapes: powers of 4 up to max_batch, and max_batch (1, 4, 16 for 16)."""
+    shapes, size = set(), 1
+    while size < max_batch:
+        shapes.add(size)
+        size *= 4
+    return sorted(shapes | {max_batch})
 
 
 def error_response(error: RequestError) -> JSONResponse:
@@ -64,6 +73,12 @@ class Server:
     def __init__(self, service: Service, settings: Settings):
         self.service, self.settings = service, settings
         self.model = service.model
+        # One compiled encoder per batch shape; a batch runs at the smallest shape that holds it,
+        # so a lone query is not padded to a full batch. They share the checkpoint.
+        from koclip.query.api import QueryModel
+
+        self.models = {size: self.model if size == self.model.batch_size else QueryModel(self.model.checkpoint, size)
+                       for size in (batch_shapes(settings.max_batch) if settings.batching else [1])}
         self.max_pixels = settings.max_pixels or self.model.preprocessor.max_pixels
         self.metrics = Metrics()
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="koclip-model")
@@ -83,9 +98,21 @@ class Server:
     # ------------------------------------------------------------ work off the event loop
 
     def embed(self, kind: str, items: list) -> np.ndarray:
+        model = self.models[min(size for size in self.models if size >= len(items))]
         if kind == "text":
-            return self.model.embed_texts(items)
-        return np.asarray(self.model.encoders.images(np.stack(items)), dtype=np.float32)
+            return model.embed_texts(items)
+        return np.asarray(model.encoders.images(np.stack(items)), dtype=np.float32)
+
+    def warm_up(self) -> None:
+        for model in self.models.values():
+            model.encoders.warmup()
+
+    def compiles(self) -> dict:
+        total: dict = {}
+        for model in self.models.values():
+            for tower, count in model.encoders.compiles().items():
+                total[tower] = total.get(tower, 0) + count
+        return total
 
     def pixels(self, data: bytes) -> np.ndarray:
         try:
@@ -128,7 +155,7 @@ class Server:
             executor.shutdown(wait=False, cancel_futures=True)
 
     async def _warm_up(self) -> None:
-        await self.run(self.model_thread, self.model.encoders.warmup)  # every batch shape compiled
+        await self.run(self.model_thread, self.warm_up)  # every batch shape compiled
         self.ready = True
         self.metrics.ready.set(1)
         log.info("ready: model %s, indexes %s", self.model.fingerprint,
@@ -199,12 +226,13 @@ class Server:
 
     async def readyz(self, request: Request):
         info = {"ready": self.ready, "model": self.model.fingerprint, "batching": self.settings.batching,
+                "batch_shapes": sorted(self.models),
                 "indexes": [{"name": s.name, "modality": s.modality, "version": s.version, "rows": len(s.index)}
                             for s in self.service.served()]}
         return JSONResponse(info, status_code=200 if self.ready else 503)
 
     async def metrics_text(self, request: Request):
-        self.metrics.set_compiles(self.model.encoders.compiles())
+        self.metrics.set_compiles(self.compiles())
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     def endpoint(self, name: str, handler, timed: bool = True):

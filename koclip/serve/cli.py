@@ -31,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the checkpoint that embedded the indexes (default: {demo_model_dir()})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}, as clip_back)")
-    p.add_argument("--no-batching", action="store_true", help="embed each query alone (default: micro-batching)")
+    p.add_argument("--no-batching", action="store_true",
+                   help="embed each query alone, at batch shape 1 (default: micro-batching)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
-                   help="most queries per encoder call, and the encoders' fixed batch shape (default: 16)")
+                   help="most queries per encoder call; the encoders are compiled at batch shapes 1, 4, 16, ... up to "
+                        "N, and a batch runs at the smallest that holds it (default: 16)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, metavar="MS",
                    help="how long a batch waits for more queries (default: 2)")
     p.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
@@ -110,7 +112,7 @@ def serve(args: argparse.Namespace) -> None:
     settings = settings_from(args)
     use_compilation_cache(args.compilation_cache)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = load_service(args.index, args.model, settings.max_batch)
+    service = load_service(args.index, args.model, settings.max_batch if settings.batching else 1)
     served = ", ".join(f"{s.name} ({s.modality}, {s.version}, {len(s.index)} rows)" for s in service.served())
     print(f"koclip.serve: serving {served} with model {service.model.fingerprint} on http://{args.host}:{args.port} "
           f"(batching {'on' if settings.batching else 'off'})", file=sys.stderr, flush=True)
