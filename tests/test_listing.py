@@ -316,3 +316,48 @@ def test_overwrite_clears_the_listing_dead_letters_with_the_rest(tmp_path, tiny_
     redone = embed.run(args + ["--overwrite"])
     assert _listing_dead_letters(output) is None
     assert (redone.totals["rows"], redone.totals["embedded"], redone.totals["dead_letters"]) == (2, 2, 0)
+
+
+def test_a_folder_is_listed_one_subfolder_at_a_time_in_sorted_path_order(tmp_path, monkeypatch):
+    from koclip import fs
+    from pipelines import listing
+
+    root = tmp_path / "tree"
+    for path in ("a.jpg", "a/x.jpg", "a/x.txt", "a-b.jpg", "a-b/y.png", "a/c/z.jpg", "a/b.jpg", "ab.jpg", "a/c.jpg",
+                 "a/c0.png", "a/notes.md"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(b"x")
+    globbed = [p for p in fs.glob(f"{root}/**") if p.endswith((".jpg", ".png"))]
+    listed = []
+    calls = []
+    real = listing._folder_entries
+    monkeypatch.setattr(listing, "_folder_entries", lambda folder: calls.append(folder) or real(folder))
+    listed = list(listing.iter_images(str(root)))
+    assert [i.uri for i in listed] == globbed  # the order a whole sorted listing gives
+    assert [i.id for i in listed][:3] == ["a-b.jpg", "a-b/y.png", "a.jpg"]
+    assert [i.caption_uri for i in listed if i.caption_uri] == [str(root / "a" / "x.txt")]
+    assert sorted(calls) == sorted(str(root / p).rstrip("/") for p in ("", "a", "a/c", "a-b"))
+
+
+def test_listing_a_folder_holds_one_subfolder_of_names(tmp_path):
+    """6k images in 12 subfolders, cut into units and let go: the listing allocates far less than
+    the items take (a whole listing of the tree would take more than they do)."""
+    from pipelines.inputs import open_input
+
+    root = tmp_path / "photos"
+    for sub in range(12):
+        (root / f"{sub:03d}").mkdir(parents=True)
+        for i in range(500):
+            os.close(os.open(root / f"{sub:03d}" / f"{i:05d}.jpg", os.O_CREAT | os.O_WRONLY))
+    source = open_input(str(root))
+    tracemalloc.start()
+    items = [i for u in source.units(500) for i in u.items]
+    held = tracemalloc.get_traced_memory()[0]
+    del items
+    tracemalloc.stop()
+    tracemalloc.start()
+    counts = [len(u.items) for u in source.units(500)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert counts == [500] * 12
+    assert peak < held / 4, (peak, held)
