@@ -308,3 +308,53 @@ def test_another_models_index_is_refused_until_a_new_version_is_published(
         page.close()
     log = server.log()
     assert log.count("loading model from") == 1 and log.count("loading index from") == 2, log
+
+
+# ---------------------------------------------------------------- through a running koclip.serve
+
+
+class ServiceAppServer(AppServer):
+    """`python -m koclip.app --service URL`: searches go to a running koclip.serve."""
+
+    def __init__(self, service_url: str, model: str, log_path, name: str):
+        super().__init__("/unused", model, log_path)
+        self.service_url, self.name = service_url, name
+
+    def start(self, timeout: float = 60.0) -> "ServiceAppServer":
+        command = [sys.executable, "-m", "koclip.app", "--service", self.service_url, "--service-index", self.name,
+                   "--model", self.model, "--port", str(self.port), "--host", self.host]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_ready(timeout)
+        return self
+
+
+@pytest.mark.slow  # a koclip.serve and an app server, about 30 s
+def test_the_app_searches_through_a_running_service(app_index, tiny_ckpt_dir, browser, artifacts):
+    pytest.importorskip("starlette")
+    from koclip.query import search
+    from tests.test_serve import ServerProcess, free_port
+
+    service = ServerProcess(["--model", tiny_ckpt_dir, "--index", f"pictures={app_index}", "--poll-seconds", "0"],
+                            artifacts / "service.log")
+    try:
+        service.wait_ready()
+        assert app_main(["--service", f"http://127.0.0.1:{free_port()}", "--model", tiny_ckpt_dir]) == 2
+        with ServiceAppServer(service.url, tiny_ckpt_dir, artifacts / "server-service.log", "pictures") as app:
+            page = browser.new_page()
+            visit = Tour(page, app.url)
+            visit.open()
+            expect(page.get_by_text(service.url, exact=False).first).to_be_visible()
+            panel = visit.search("빨간 원", k=6)
+            images = panel.locator('[data-testid="stImage"]')
+            expect(images).to_have_count(6, timeout=RESULT_TIMEOUT_MS)
+            hits = search("빨간 원", k=6, index=app_index, model=tiny_ckpt_dir)
+            shown = panel.locator('[data-testid="stImageCaption"]').all_inner_texts()
+            assert shown == [f"{h.rank}. {h.captions[0]} · {h.score:.3f}" for h in hits]
+            panel = visit.classify(None, ["고양이", "사과"], pick="빨간 원")  # the picker lists the service's items
+            expect(panel.get_by_text("Most likely")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+            page.screenshot(path=str(artifacts / "test_the_app_searches_through_a_running_service.png"))
+            page.close()
+        assert "loading index from" not in app.log()
+    finally:
+        service.stop()

@@ -15,6 +15,10 @@ Tabs:
   and the grid cells ranked.
 Bad input (an empty query, no labels, a file that is not an image) gets a message on the page
 and the app carries on.
+
+With `--service URL` (python -m koclip.app --service), the index is a `ServiceIndex`: searches
+and the pickers' items go to a running `python -m koclip.serve`; the model stays local for the
+zero-shot and patch tabs.
 """
 from __future__ import annotations
 
@@ -144,13 +148,58 @@ def read_image(uri: str) -> bytes | None:
         return None
 
 
+@dataclass(frozen=True)
+class ServiceIndex:
+    """An index of a running koclip.serve service, searched over HTTP (koclip.client)."""
+
+    url: str
+    name: str
+    version: str
+    rows: int
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def client(self):
+        from koclip.client import ServiceClient
+
+        return ServiceClient(self.url, index=self.name)
+
+    def search(self, text: str, k: int):
+        return self.client().search(text, k=k)
+
+
+def connect_service(url: str, name: str | None) -> ServiceIndex:
+    """The service's image index `name` (default: its first), as /readyz describes it."""
+    from koclip.client import ServiceClient
+
+    client = ServiceClient(url, index=name)
+    ready = client.ready()
+    name = name or client.indices()[0]
+    for entry in ready["indexes"]:
+        if entry["name"] == name and entry["modality"] == "image":
+            return ServiceIndex(url, name, entry["version"], int(entry["rows"]), ready["model"])
+    raise InputError(f"the service at {url} has no image index named {name!r}")
+
+
+@st.cache_resource(show_spinner=False, max_entries=2, ttl=60)
+def service_items(index: ServiceIndex) -> list[Item]:
+    """The first PICK_LIMIT items of the service's index (row numbers through /metadata)."""
+    found = index.client().metadata(list(range(min(len(index), PICK_LIMIT))))
+    return [Item(str(meta.get("item_id") or row), str(meta["url"]), str(meta.get("caption") or ""))
+            for row, meta in found.items() if meta]
+
+
 def run(compute):
-    """A call into koclip.query; what it refuses becomes an InputError with its message, anything
-    else is logged and reported on the page, so one bad request never takes the app down."""
+    """A call into koclip.query (or the service); what it refuses becomes an InputError with its
+    message, anything else is logged and reported on the page, so one bad request never takes
+    the app down."""
+    from koclip.client import ServiceError
 
     try:
         return compute()
-    except (QueryError, ImageDecodeError) as e:
+    except (QueryError, ImageDecodeError, ServiceError) as e:
         raise InputError(str(e)) from None
     except Exception as e:
         log.exception("request failed")
@@ -301,6 +350,8 @@ def text_to_patch_tab(items: list[Item], model) -> None:
 
 
 def search(text, k, index, model):
+    if isinstance(index, ServiceIndex):
+        return index.search(text, k)
     from koclip.query import search
 
     return search(text, k=k, index=index, model=model)
@@ -325,6 +376,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="koclip/apps/page.py", description="started by python -m koclip.app")
     parser.add_argument("--index", required=True)
     parser.add_argument("--model", required=True)
+    parser.add_argument("--service", default=None)
+    parser.add_argument("--service-index", default=None)
     return parser.parse_args(argv)
 
 
@@ -339,12 +392,17 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     try:
         model = load_model(args.model)
-        version = current_version(args.index)
-        index = load_index(version)
-        items = index_items(version)
+        if args.service:
+            index = run(lambda: connect_service(args.service, args.service_index))
+            version = f"{args.service} {index.name} {index.version}"
+            items = run(lambda: service_items(index))
+        else:
+            version = current_version(args.index)
+            index = load_index(version)
+            items = index_items(version)
         run(lambda: check_compatible(index, model))
     except Exception as e:
-        log.exception("cannot serve %s with %s", args.index, args.model)
+        log.exception("cannot serve %s with %s", args.service or args.index, args.model)
         st.error(f"Cannot serve this index with this model: {e}")
         st.stop()
 
