@@ -10,6 +10,7 @@ are images in a shared pool, listed by a per-case manifest, so that copies of a 
 valid for another case (a signature holds the image's uri and stamp, not the manifest's)."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -65,8 +66,8 @@ def _kill_at(step: str, case: str, model: str, env: dict) -> int:
     return done.returncode
 
 
-def _scenario(root: str, model: str) -> dict[str, str]:
-    """Kill one run at each step (two processes at a time); returns {step: case folder}."""
+def _scenario(root: str, model: str, steps=STEPS) -> dict[str, str]:
+    """Kill one run at each of `steps` (two processes at a time); returns {step: case folder}."""
     pool = fs.join(root, "pool")
     fs.write_many({fs.join(pool, f"p{i}.png"): _png(i) for i in range(7)})
     base = fs.join(root, "base")
@@ -75,7 +76,7 @@ def _scenario(root: str, model: str) -> dict[str, str]:
     assert violations(fs.join(base, "manifest.jsonl"), fs.join(base, "work"), fs.join(base, "index")) == []
 
     cases = {}
-    for step in STEPS:
+    for step in steps:
         case = fs.join(root, f"killed-{step}")
         _copy_tree(fs.join(base, "work"), fs.join(case, "work"))
         _copy_tree(fs.join(base, "index"), fs.join(case, "index"))
@@ -83,7 +84,7 @@ def _scenario(root: str, model: str) -> dict[str, str]:
         cases[step] = case
     env = {**os.environ, "PYTHONPATH": ROOT}
     with ThreadPoolExecutor(2) as workers:
-        list(workers.map(lambda step: _kill_at(step, cases[step], model, env), STEPS))
+        list(workers.map(lambda step: _kill_at(step, cases[step], model, env), steps))
     return cases
 
 
@@ -110,16 +111,17 @@ def local_cases(tmp_path_factory, tiny_ckpt_dir):
     return _scenario(str(tmp_path_factory.mktemp("faults")), tiny_ckpt_dir)
 
 
-@pytest.fixture(scope="module")
-def gcs_cases(gcs_emulator_with_preconditions, tiny_ckpt_dir):
-    """On the emulator that honours generation preconditions, as the locks need (tests/gcs_emulator.py)."""
+@contextlib.contextmanager
+def _gcs_scenario(emulator: str, model: str, steps=STEPS):
+    """_scenario on the emulator that honours generation preconditions, as the locks need
+    (tests/gcs_emulator.py)."""
     import gcsfs
 
     old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = gcs_emulator_with_preconditions
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator
     gcsfs.GCSFileSystem.clear_instance_cache()
     try:
-        yield _scenario(f"gs://koclip-test/faults-{time.monotonic_ns()}", tiny_ckpt_dir)
+        yield _scenario(f"gs://koclip-test/faults-{time.monotonic_ns()}", model, steps)
     finally:
         if old is None:
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
@@ -134,10 +136,25 @@ def test_local_reindex_recovers_from_a_kill(local_cases, step, variant, tiny_ckp
     _rerun_and_check(local_cases[step], variant, tiny_ckpt_dir)
 
 
+@pytest.fixture(scope="module")
+def gcs_cases(gcs_emulator_with_preconditions, tiny_ckpt_dir):
+    with _gcs_scenario(gcs_emulator_with_preconditions, tiny_ckpt_dir) as cases:
+        yield cases
+
+
+# The whole matrix on GCS takes minutes (every kill is a process loading JAX); by default one kill
+# on GCS, after the publish: the step whose storage operations (conditional CURRENT write, version
+# folder) differ most between GCS and local disk.
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["unchanged", "changed"])
 @pytest.mark.parametrize("step", STEPS)
 def test_gcs_reindex_recovers_from_a_kill(gcs_cases, step, variant, tiny_ckpt_dir):
     _rerun_and_check(gcs_cases[step], variant, tiny_ckpt_dir)
+
+
+def test_gcs_reindex_recovers_from_a_kill_after_publishing(gcs_emulator_with_preconditions, tiny_ckpt_dir):
+    with _gcs_scenario(gcs_emulator_with_preconditions, tiny_ckpt_dir, steps=("published",)) as cases:
+        _rerun_and_check(cases["published"], "changed", tiny_ckpt_dir)
 
 
 HELD_RUN = """
