@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from koclip.serve.batcher import Direct, MicroBatcher
-from koclip.serve.protocol import DEDUP_THRESHOLD, Limits, RequestError, parse_knn, parse_metadata
+from koclip.serve.protocol import DEDUP_THRESHOLD, Limits, RequestError, parse_json, parse_knn, parse_metadata
 
 LIMITS = Limits(max_body_bytes=1024, max_num_images=50, max_num_result_ids=200)
 
@@ -54,6 +54,13 @@ def test_bad_bodies(body, status, kind):
     with pytest.raises(RequestError) as refused:
         parse_knn(body, LIMITS)
     assert (refused.value.status, refused.value.kind) == (status, kind)
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe", b"{", b"[" * 100_000 + b"]" * 100_000])
+def test_bodies_that_are_not_json(body):
+    with pytest.raises(RequestError) as refused:
+        parse_json(body)
+    assert (refused.value.status, refused.value.kind) == (400, "bad_json")
 
 
 class Recorder:

@@ -55,6 +55,8 @@ def parse_json(body: bytes) -> object:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise bad("bad_json", f"the request body is not JSON ({e})") from None
+    except RecursionError:  # "[[[[...": nested deeper than Python's parser goes
+        raise bad("bad_json", "the request body is JSON nested too deeply") from None
 
 
 def _object(payload) -> dict:
