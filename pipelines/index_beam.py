@@ -49,9 +49,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from koclip import fs
 from koclip.index import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, ROWS_SCHEMA,
-                          Attempt, BuildResult, IndexBuildError, add_truth, add_vectors, choose_index, ivf_part, make_meta,
-                          new_version, parse_memory, plan_of, publish_written, query_rows, read_index_file, read_shard,
-                          refusal, removed_on_failure, train, train_rows, tune, write_meta)
+                          Attempt, BuildResult, IndexBuildError, add_truth, add_vectors, choose_index, ivf_part,
+                          make_meta, new_version, parse_memory, plan_of, publish_written, query_rows, read_index_file,
+                          read_shard, refusal, removed_on_failure, train, train_rows, tune, write_meta)
 from koclip.lock import hold
 from koclip.store import Store, open_store
 

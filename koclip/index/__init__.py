@@ -19,21 +19,23 @@ pipelines.index_beam builds the same ivfpq index with its per-shard work on Beam
 the public names below.
 """
 from koclip.errors import IndexBuildError, IndexFolderError
-from koclip.index.build import Attempt, BuildResult, build_index, extend_index, read_shard, refusal, write_and_publish
+from koclip.index.build import (Attempt, BuildResult, build_index, extend_index, read_shard, refusal,
+                                write_and_publish)
 from koclip.index.faiss_ops import add_truth, add_vectors, copy_index, in_memory, ivf_part, train
 from koclip.index.load import Index, load_index, read_index_file, resolve
 from koclip.index.plan import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, IVF_KINDS, KINDS,
-                               RECALL_K, Plan, candidates, choose_index, estimate_memory, format_bytes, parse_memory, plan_of)
+                               RECALL_K, Plan, candidates, choose_index, estimate_memory, format_bytes, parse_memory,
+                               plan_of)
 from koclip.index.tuning import Tuning, query_rows, train_rows, tune
 from koclip.index.versions import (ROWS_SCHEMA, current_version, list_versions, make_meta, new_version, publish,
                                    publish_written, removed_on_failure, write_meta)
 
 resolve_version = resolve  # the version folder a path means (an index root: the one CURRENT names)
 
-__all__ = ["Attempt", "BuildResult", "DEFAULT_MAX_MEMORY", "DEFAULT_QUERIES", "DEFAULT_TARGET_RECALL", "Index", "IndexBuildError",
-           "IndexFolderError", "IVF_KINDS", "KINDS", "Plan", "RECALL_K", "ROWS_SCHEMA", "Tuning", "add_truth", "add_vectors",
-           "build_index", "candidates", "choose_index", "copy_index", "current_version", "estimate_memory", "extend_index",
-           "format_bytes", "in_memory", "ivf_part", "list_versions", "load_index", "make_meta", "new_version",
-           "parse_memory", "plan_of", "publish", "publish_written", "query_rows", "read_index_file", "read_shard",
-           "refusal", "removed_on_failure", "resolve", "resolve_version", "train", "train_rows", "tune", "write_and_publish",
-           "write_meta"]
+__all__ = ["Attempt", "BuildResult", "DEFAULT_MAX_MEMORY", "DEFAULT_QUERIES", "DEFAULT_TARGET_RECALL", "Index",
+           "IndexBuildError", "IndexFolderError", "IVF_KINDS", "KINDS", "Plan", "RECALL_K", "ROWS_SCHEMA", "Tuning",
+           "add_truth", "add_vectors", "build_index", "candidates", "choose_index", "copy_index", "current_version",
+           "estimate_memory", "extend_index", "format_bytes", "in_memory", "ivf_part", "list_versions", "load_index",
+           "make_meta", "new_version", "parse_memory", "plan_of", "publish", "publish_written", "query_rows",
+           "read_index_file", "read_shard", "refusal", "removed_on_failure", "resolve", "resolve_version", "train",
+           "train_rows", "tune", "write_and_publish", "write_meta"]

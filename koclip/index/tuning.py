@@ -3,11 +3,11 @@
 The tuning queries are `queries` seeded-random corpus rows, held out: the index is built from the
 other rows, tuned, and only then are the query rows added, as the last rows (holdout_order).
 Their ground truth is exact inner-product search over the indexed rows; recall@10 is the share of
-those 10 true neighbours the index returns among its 10. A setting reaches the target when the
-one-sided 95% lower confidence bound of that mean (mean - 1.645 standard errors of the queries'
-recalls) does, so that new queries, not only these, see the target (the bench measures them). So the queries are vectors the index
+those 10 true neighbours the index returns among its 10. So the queries are vectors the index
 does not hold, like new items (a query that is itself in an HNSW graph leads the search straight
-to its neighbours, which overstates recall; bench/index.py measured both). The smallest efSearch
+to its neighbours, which overstates recall; bench/index.py measured both). A setting reaches the
+target when the one-sided 95% lower confidence bound of that mean (mean - 1.645 standard errors of
+the queries' recalls) does, so that new queries, not only these, see the target. The smallest efSearch
 (hnsw) or nprobe (the IVF kinds; for ivfpq with re-ranking, then the smallest k_factor at that
 nprobe, then nprobe again) reaching the target is kept, found by doubling then bisection (recall
 is assumed to grow with the parameter). If the target is not reached, the largest setting tried
