@@ -153,3 +153,15 @@ def test_tars_on_gcs_are_streamed_through_koclip_fs(gcs_bucket, tars):
     assert {ref.size for ref, _, _ in found} == {6}
     assert [i.id for _, i, _ in found] == ["png", "webp", "notxt", "garbage", "textonly", "png"]
     assert found[1][2].data == image_bytes(11, "WEBP") and found[1][1].captions == ("새",)
+
+
+def test_caption_and_id_from_a_json_field(tmp_path):
+    write_tar(str(tmp_path / "a.tar"), [
+        {"__key__": "s0", "png": image_bytes(1), "json": {"desc": "바다", "uid": "u-0", "license": "cc0"}},
+        {"__key__": "s1", "png": image_bytes(2), "json": b"{not json"},
+    ])
+    units = list(open_input(str(tmp_path / "a.tar")).units(10))
+    read = list(read_shard_unit(units[0], embed.UnitRef(0, units[0].key, None),
+                                {"caption_field": "desc", "id_column": "uid", "keep_columns": ("license",)}))
+    assert [(i.id, i.captions, i.extra) for _, i, _ in read] == [
+        ("u-0", ("바다",), {"license": "cc0"}), ("s1", (), {"license": None})]

@@ -191,9 +191,11 @@ def _tar_keys(path: str) -> list[str]:
 def _caption(parts: dict, caption_field: str | None, listed: tuple[str, ...]) -> tuple[str, ...]:
     if listed:
         return listed
-    if caption_field and parts.get("json"):
-        value = json.loads(parts["json"]).get(caption_field)
-        return (value,) if isinstance(value, str) else tuple(v for v in value or () if isinstance(v, str))
+    if caption_field:
+        value = _sample_json(parts).get(caption_field)
+        if isinstance(value, str):
+            return (value,)
+        return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
     if parts.get("txt") is not None:
         return (parts["txt"].decode("utf-8-sig", "replace"),)
     return ()
