@@ -3,6 +3,7 @@
   python -m bench.pipeline                 # demo model, emoji-ko images cycled to 5k and 20k items
   python -m bench.pipeline --repeat 1      # the largest size once instead of 3 times
   python -m bench.pipeline --quick         # tiny random model, 200 and 400 items: a smoke run
+  python -m bench.pipeline --webdataset    # also the largest size as WebDataset tars, beside the manifest
 
 Rows, each measured in its own process (so peak RSS is that run's alone):
   bare encoder   the same model's jitted encoders (checkpoint_encoders, same batch size) on the
@@ -13,6 +14,11 @@ Rows, each measured in its own process (so peak RSS is that run's alone):
                  warm-up (cold: no compilation cache), reading, decoding, inference, Parquet
                  writes. "start-up" is the time to the first model batch (the `koclip.embed`
                  metric batch_start_unix_ms, its minimum); "after start-up" is the rate after it.
+
+  pipeline-wds N  (--webdataset) the same N items written as WebDataset tars of --unit-size samples
+                 (key.png + key.txt, the webdataset library's TarWriter), no sidecar: the workers
+                 stream the tars. Run right after each manifest run of the largest size; the
+                 summary gives the throughput ratio of the two inputs (median over the repeats).
 
 This machine's speed drifts by 10-30% within minutes (a shared VM), so a bare-encoder run comes
 before and after every pipeline run, and each pipeline run's "% of bare" divides by the mean of
@@ -52,6 +58,28 @@ def _write_manifest(path: str, size: int) -> str:
             f.write(json.dumps({"id": f"{r.id}~{i // len(records)}", "image": r.uri, "captions": r.captions},
                                ensure_ascii=False) + "\n")
     return path
+
+
+def _write_tars(folder: str, manifest: str, per_tar: int) -> str:
+    """The manifest's items as WebDataset tars of `per_tar` samples (image bytes as read, caption .txt)."""
+    import webdataset as wds
+
+    from koclip.data.manifest import read_manifest
+
+    os.makedirs(folder)
+    records = read_manifest(manifest)
+    cache: dict[str, bytes] = {}
+    for start in range(0, len(records), per_tar):
+        with open(os.path.join(folder, f"{start // per_tar:05d}.tar"), "wb") as f:
+            writer = wds.TarWriter(f)
+            for i, r in enumerate(records[start:start + per_tar], start):
+                if r.uri not in cache:
+                    with open(r.uri, "rb") as image:
+                        cache[r.uri] = image.read()
+                ext = os.path.splitext(r.uri)[1].lstrip(".").lower()
+                writer.write({"__key__": f"{i:09d}", ext: cache[r.uri], "txt": r.captions[0]})
+            writer.close()
+    return folder
 
 
 def _worker_pipeline(args) -> dict:
@@ -122,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="runs of the largest size (default 3)")
     p.add_argument("--out", default="bench/results/pipeline.json", help="JSON results path")
     p.add_argument("--quick", action="store_true", help="tiny random model and small sizes: a smoke run")
+    p.add_argument("--webdataset", action="store_true",
+                   help="also run the largest size from WebDataset tars, after each manifest run of it")
     p.add_argument("--worker", choices=("pipeline", "bare"), help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
@@ -149,11 +179,17 @@ def main(argv=None) -> int:
             return {"run": "bare encoder", "size": sizes[0],
                     **_measure("bare", manifests[sizes[0]], os.path.join(tmp, "bare"), args)}
 
+        tars = (_write_tars(os.path.join(tmp, "tars"), manifests[sizes[-1]], args.unit_size)
+                if args.webdataset else None)
         rows = [bare()]
         for n in sizes[:-1] + [sizes[-1]] * args.repeat:
             rows.append({"run": "pipeline", "size": n,
                          **_measure("pipeline", manifests[n], os.path.join(tmp, f"out-{n}"), args)})
             rows.append(bare())
+            if tars is not None and n == sizes[-1]:
+                rows.append({"run": "pipeline-wds", "size": n,
+                             **_measure("pipeline", tars, os.path.join(tmp, f"out-wds-{n}"), args)})
+                rows.append(bare())
     for row in rows:
         row["items_per_s"] = row["items"] / row["seconds"]
         row["steady_items_per_s"] = row["items"] / row["steady_s"]
@@ -163,6 +199,9 @@ def main(argv=None) -> int:
         row["steady_pct_of_bare"] = 100 * row["steady_items_per_s"] / row["bare_items_per_s"]
     pipelines = [r for r in rows if r["run"] == "pipeline"]
     largest = [r for r in pipelines if r["size"] == sizes[-1]]
+    from_tars = [r for r in rows if r["run"] == "pipeline-wds"]
+    wds_ratio = (statistics.median(w["items_per_s"] / m["items_per_s"] for w, m in zip(from_tars, largest))
+                 if from_tars else None)
     pct = sorted(r["pct_of_bare"] for r in largest)
     steady = sorted(r["steady_pct_of_bare"] for r in largest)
     rss_ratio = max(r["peak_rss_mb"] for r in largest) / pipelines[0]["peak_rss_mb"]
@@ -178,12 +217,16 @@ def main(argv=None) -> int:
           f"end to end (lowest {pct[0]:.0f}%, highest {pct[-1]:.0f}%), median {statistics.median(steady):.0f}% "
           f"after start-up (target >= 85%); peak RSS {sizes[-1]} vs {sizes[0]} items: {rss_ratio:.2f}x "
           "(target <= 1.2x)")
+    if wds_ratio is not None:
+        print(f"WebDataset input vs manifest input at {sizes[-1]} items: median throughput ratio {wds_ratio:.2f} "
+              f"over {len(from_tars)} pairs of runs")
     path = write_json(args.out, {
         "machine": machine_info(), "model": args.model, "batch_size": args.batch_size, "unit_size": args.unit_size,
         "rows": rows, "largest_pct_of_bare": {"median": median, "lowest": pct[0], "highest": pct[-1]},
         "largest_steady_pct_of_bare": {"median": statistics.median(steady), "lowest": steady[0],
                                        "highest": steady[-1]},
         "peak_rss_ratio": rss_ratio, "targets": {"pct_of_bare": 85, "peak_rss_ratio": 1.2},
+        "webdataset_vs_manifest_items_per_s": wds_ratio,
     })
     print(f"wrote {path}")
     return 0
