@@ -33,6 +33,7 @@ from PIL import Image
 
 from koclip import fs
 from koclip.errors import ImageDecodeError, KoclipError, QueryError
+from koclip.app.remote import ServiceIndex, connect_service
 from koclip.processing import open_image
 from koclip.query import prompts
 
@@ -146,41 +147,6 @@ def read_image(uri: str) -> bytes | None:
     except Exception as e:  # a moved or unreadable image must not break the results grid
         log.warning("cannot read %s: %s", uri, e)
         return None
-
-
-@dataclass(frozen=True)
-class ServiceIndex:
-    """An index of a running koclip.serve service, searched over HTTP (koclip.client)."""
-
-    url: str
-    name: str
-    version: str
-    rows: int
-    fingerprint: str
-
-    def __len__(self) -> int:
-        return self.rows
-
-    def client(self):
-        from koclip.client import ServiceClient
-
-        return ServiceClient(self.url, index=self.name)
-
-    def search(self, text: str, k: int):
-        return self.client().search(text, k=k)
-
-
-def connect_service(url: str, name: str | None) -> ServiceIndex:
-    """The service's image index `name` (default: its first), as /readyz describes it."""
-    from koclip.client import ServiceClient
-
-    client = ServiceClient(url, index=name)
-    ready = client.ready()
-    name = name or client.indices()[0]
-    for entry in ready["indexes"]:
-        if entry["name"] == name and entry["modality"] == "image":
-            return ServiceIndex(url, name, entry["version"], int(entry["rows"]), ready["model"])
-    raise InputError(f"the service at {url} has no image index named {name!r}")
 
 
 @st.cache_resource(show_spinner=False, max_entries=2, ttl=60)
