@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from playwright.sync_api import expect, sync_playwright
 
 from koclip.app.launcher import main as app_main
-from tests.app_harness import CHROMIUM, RESULT_TIMEOUT_MS, TABS, AppServer, Tour, launch_chromium
+from app_harness import CHROMIUM, RESULT_TIMEOUT_MS, TABS, AppServer, Tour, launch_chromium
 from koclip.app.page import InputError, check_template, check_text, decode_upload, parse_labels
 
 # Korean captions for generated pictures: a shape in a colour on white.
@@ -333,7 +333,7 @@ class ServiceAppServer(AppServer):
 def test_the_app_searches_through_a_running_service(app_index, tiny_ckpt_dir, browser, artifacts):
     pytest.importorskip("starlette")
     from koclip.query import search
-    from tests.test_serve import ServerProcess, free_port
+    from test_serve import ServerProcess, free_port
 
     service = ServerProcess(["--model", tiny_ckpt_dir, "--index", f"pictures={app_index}", "--poll-seconds", "0"],
                             artifacts / "service.log")

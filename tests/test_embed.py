@@ -19,7 +19,7 @@ from koclip.errors import ManifestError
 from pipelines import embed
 from pipelines.listing import list_items
 from pipelines.transforms.write import read_dead_letters
-from tests.corpus import write_corpus, write_manifest
+from corpus import write_corpus, write_manifest
 
 
 def corpus_run_model(result) -> str:
