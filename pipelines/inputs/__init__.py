@@ -177,19 +177,38 @@ def detect_format(source: str, image_column: str | None = None) -> str:
         return "manifest"
     if not fs.is_dir(source):
         return "images"  # pipelines.listing names what is missing
-    entries = fs.ls(source)
-    names = {_basename(e["path"]): e for e in entries}
-    if any(n.endswith(".tar") for n in names):
+    has_tar = has_manifest = False
+    parquets, shard_folders = [], set()
+    for name, is_folder in _names_under(source):  # streamed: a folder of 1M images holds no listing here
+        if is_folder:
+            if SHARD_NAME.match(name):
+                shard_folders.add(name)
+        elif name.endswith(".tar"):
+            has_tar = True
+        elif name.endswith(".parquet"):
+            parquets.append(name)
+        elif name.endswith(MANIFEST_EXTENSIONS):
+            has_manifest = True
+    if has_tar:
         return "webdataset"
-    parquets = sorted(n for n in names if n.endswith(".parquet"))
-    folders = {n for n, e in names.items() if e["type"] == "directory"}
-    if parquets and any(p[:-len(".parquet")] in folders and SHARD_NAME.match(p[:-len(".parquet")]) for p in parquets):
+    if any(p[:-len(".parquet")] in shard_folders for p in parquets):
         return "files"
-    if parquets and has_image_bytes(names[parquets[0]]["path"], image_column):
+    if parquets and has_image_bytes(fs.join(source, min(parquets)), image_column):
         return "parquet"
-    if any(n.endswith(MANIFEST_EXTENSIONS) for n in names):
+    if parquets or has_manifest:
         return "manifests"
     return "images"
+
+
+def _names_under(folder: str) -> Iterator[tuple[str, bool]]:
+    """(name, is a folder) directly under `folder`; a local folder is scanned, not listed whole."""
+    if fs.is_url(folder):
+        for entry in fs.ls(folder):
+            yield _basename(entry["path"]), entry["type"] == "directory"
+        return
+    with os.scandir(folder) as scan:
+        for entry in scan:
+            yield entry.name, entry.is_dir()
 
 
 def open_input(source: str, input_format: str | None = None, options: InputOptions = InputOptions(),
