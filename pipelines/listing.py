@@ -3,8 +3,11 @@
 An input is either
   - a manifest (JSONL, CSV or Parquet), read row by row by koclip.data.manifest's lenient rules;
   - a folder or a glob of images (`photos/`, `gs://bucket/imgs/**/*.jpg`), clip-retrieval's
-    layout: `x.jpg` takes its caption from a sidecar `x.txt` when there is one.
-Local paths and any fsspec URL (gs://) behave alike.
+    layout: `x.jpg` takes its caption from a sidecar `x.txt` when there is one. A folder is
+    listed one subfolder at a time (memory holds one folder's names), a glob whole.
+Local paths and any fsspec URL (gs://) behave alike. The other formats (tars, Parquet with image
+bytes, sharded manifests, img2dataset's outputs) are in pipelines.inputs; this module's `Unit`,
+unit files and `ListingInput` (these two kinds as a pipelines.inputs `Input`) serve them all.
 
 A manifest row that cannot be an item (not UTF-8, not JSON, not an object, no id or image, an
 id that is neither a string nor an integer, a repeated id: koclip.data.manifest lists the
@@ -17,7 +20,7 @@ row is an item (`ManifestError`), a folder or glob without images (`ListingError
 Bad *content* (an empty caption, an image that does not exist or does not decode) is the
 pipeline's business: such items become dead letters of the later stages.
 
-The listing, in its order (manifests) or sorted by path (globs), is cut into units of
+The listing, in its order (manifests) or sorted by path (folders, globs), is cut into units of
 `unit_size` items. A unit's key is a hash of its items, so a rerun over the same listing
 finds the same units, and the pipeline can skip the ones already done. `unit_file_bytes` /
 `read_unit_file` carry a unit's items from the driver to the workers as a JSONL file.
