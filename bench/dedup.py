@@ -14,8 +14,19 @@ on it (exact range search up to --exact-max-rows items, IVF-Flat with --nprobe a
   peak RSS        the process's peak resident memory (Linux VmHWM, reset before the run) minus
                   its resident memory before it; the store is on disk, the corpus array freed.
 
+Images (--images N): N emoji-ko pictures (koclip.data.emoji_ko.render, Noto Color Emoji) and
+one altered copy of each, cycling through: re-encoded as JPEG quality 40, resized to half size,
+cropped by 6% on every side, colour-shifted (+24 red, -16 green, +16 blue), and a byte-identical
+copy (found by sha256). Both are embedded by --model through pipelines.embed (the real pipeline)
+and jobs.dedup runs on the store. Pairs are (original, its copy); the table gives pair
+precision/recall at --threshold per alteration, and by plain similarity (sim >= t, no grouping)
+for a sweep of thresholds. With no --model a random-init tiny checkpoint (`koclip init --tiny
+tiny-bert-clip`) embeds them: its figures say how far pixel-level closeness carries in an
+untrained network, not what a trained KoCLIP would do. No pretrained image weights exist offline.
+
     python -m bench.dedup                       # 1M x 512, IVF: a few minutes on 2 cores
     python -m bench.dedup --n 20000             # a smoke run (exact)
+    python -m bench.dedup --images 300          # emoji-ko with altered copies
 """
 from __future__ import annotations
 
@@ -112,6 +123,119 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+ALTERATIONS = ("jpeg", "resize", "crop", "colour", "same_bytes")
+
+
+def altered(image, how: str, original_png: bytes) -> tuple[bytes, str]:
+    """(file bytes, extension) of an altered copy of a PIL RGB image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if how == "same_bytes":
+        return original_png, "png"
+    if how == "jpeg":
+        image.save(buffer, "JPEG", quality=40)
+        return buffer.getvalue(), "jpg"
+    if how == "resize":
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BILINEAR)
+    elif how == "crop":
+        m = round(image.width * 0.06)
+        image = image.crop((m, m, image.width - m, image.height - m))
+    elif how == "colour":
+        shifted = np.asarray(image).astype(np.int16) + np.array([24, -16, 16], np.int16)
+        image = Image.fromarray(np.clip(shifted, 0, 255).astype(np.uint8))
+    image.save(buffer, "PNG")
+    return buffer.getvalue(), "png"
+
+
+def image_benchmark(args) -> dict:
+    import io
+    import json
+
+    from jobs.dedup import find_duplicates
+    from koclip.data import emoji_ko
+    from koclip.store import open_store, vectors_to_numpy
+    from pipelines import embed
+
+    with tempfile.TemporaryDirectory(prefix="bench-dedup-images-") as tmp:
+        model = args.model
+        if model is None:
+            from koclip.cli.main import main as koclip_main
+
+            model = f"{tmp}/tiny"
+            koclip_main(["init", model, "--tiny", "tiny-bert-clip"])
+        font = emoji_ko.load_font()
+        rows, pairs, kinds = [], [], {}
+        for text, name in emoji_ko.candidates():
+            if len(pairs) >= args.images:
+                break
+            image, _ = emoji_ko.render(text, font)
+            if image is None:
+                continue
+            k = len(pairs)
+            buffer = io.BytesIO()
+            image.save(buffer, "PNG")
+            how = ALTERATIONS[k % len(ALTERATIONS)]
+            copy, ext = altered(image, how, buffer.getvalue())
+            Path(f"{tmp}/o{k}.png").write_bytes(buffer.getvalue())
+            Path(f"{tmp}/c{k}.{ext}").write_bytes(copy)
+            rows += [{"id": f"o{k}", "image": f"{tmp}/o{k}.png", "captions": [name]},
+                     {"id": f"c{k}", "image": f"{tmp}/c{k}.{ext}", "captions": [name]}]
+            pairs.append((f"o{k}", f"c{k}"))
+            kinds[f"c{k}"] = how
+        Path(f"{tmp}/manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        start = time.perf_counter()
+        embed.run(["--input", f"{tmp}/manifest.jsonl", "--output", f"{tmp}/emb", "--model", model,
+                   "--batch_size", "16"])
+        embed_s = time.perf_counter() - start
+        store = open_store(f"{tmp}/emb")
+        result = find_duplicates(store, args.threshold)
+        table = store.read_table()
+        ids = table.column("id").to_pylist()
+        vectors = vectors_to_numpy(table.column("image_embedding").combine_chunks(),
+                                   table.schema.field("image_embedding").type.list_size)
+    row_of = {i: r for r, i in enumerate(ids)}
+    groups = {}
+    for item, g in zip(result.groups.column("id").to_pylist(), result.groups.column("group").to_pylist()):
+        groups[item] = g
+    per_kind = []
+    for how in ALTERATIONS:
+        mine = [(o, c) for o, c in pairs if kinds[c] == how]
+        found = sum(1 for o, c in mine if o in groups and groups.get(o) == groups.get(c))
+        per_kind.append({"alteration": how, "pairs": len(mine), "found_at_threshold": found,
+                         "recall": round(found / len(mine), 3) if mine else None,
+                         "median_similarity": round(float(np.median([vectors[row_of[o]] @ vectors[row_of[c]]
+                                                                     for o, c in mine])), 4) if mine else None})
+    sims = vectors @ vectors.T
+    truth = np.zeros_like(sims, dtype=bool)
+    for o, c in pairs:
+        truth[row_of[o], row_of[c]] = truth[row_of[c], row_of[o]] = True
+    upper = np.triu(np.ones_like(truth), 1)
+    sweep = []
+    for t in (0.80, 0.85, 0.90, 0.93, 0.95, 0.97, 0.99):
+        hit = (sims >= t) & upper
+        tp = int((hit & truth).sum())
+        sweep.append({"threshold": t, "pairs_at_or_above": int(hit.sum()), "true": tp,
+                      "precision": round(tp / hit.sum(), 3) if hit.sum() else None,
+                      "recall": round(tp / len(pairs), 3)})
+    group_pairs = pair_scores([[row_of[i] for i in ids if groups.get(i) == g] for g in set(groups.values())],
+                              [[row_of[o], row_of[c]] for o, c in pairs])
+    print_table(["alteration", "pairs", f"found at {args.threshold}", "recall", "median similarity"],
+                [[r["alteration"], r["pairs"], r["found_at_threshold"], r["recall"], r["median_similarity"]]
+                 for r in per_kind])
+    print_table(["threshold", "pairs >= t", "true", "precision", "recall"],
+                [[r["threshold"], r["pairs_at_or_above"], r["true"], r["precision"], r["recall"]] for r in sweep])
+    print(f"groups at {args.threshold}: pair precision {group_pairs['pair_precision']}, pair recall "
+          f"{group_pairs['pair_recall']}; model {args.model or 'random-init tiny-bert-clip (koclip init --tiny)'}; "
+          f"embedded {len(ids)} images in {embed_s:.1f}s")
+    return {"benchmark": "dedup-images", "model": args.model or "random-init tiny-bert-clip (koclip init --tiny)",
+            "images": len(pairs), "threshold": args.threshold, "groups": group_pairs, "per_alteration": per_kind,
+            "sweep": sweep, "embed_s": round(embed_s, 1), "machine": machine_info()}
+
+
 def main(argv=None) -> dict:
     from bench.index import clustered_vectors
     from jobs.dedup import DEFAULT_EXACT_MAX_ROWS, DEFAULT_NPROBE, find_duplicates
@@ -128,8 +252,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--exact-max-rows", type=int, default=DEFAULT_EXACT_MAX_ROWS)
     parser.add_argument("--nprobe", type=int, default=DEFAULT_NPROBE)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--images", type=int, default=0, help="emoji-ko images with altered copies instead")
+    parser.add_argument("--model", default=None, help="checkpoint for --images (default: a random-init tiny one)")
+    parser.add_argument("--out", default=None, help="JSON (default: bench/results/dedup.json, dedup-images.json)")
     args = parser.parse_args(argv)
+    if args.images:
+        data = image_benchmark(args)
+        print(f"wrote {write_json(args.out or DEFAULT_OUT.with_name('dedup-images.json'), data)}")
+        return data
     groups = args.groups if args.groups is not None else args.n // 100
     misses = args.near_misses if args.near_misses is not None else args.n // 1000
     copies = sum(1 + (k % 3 == 0) for k in range(groups)) + misses
@@ -164,7 +294,7 @@ def main(argv=None) -> dict:
     data = {"benchmark": "dedup", "data": "bench.index.clustered_vectors + planted copies", "copy_min": args.copy_min,
             "seed": args.seed, "load_average_start": load_start, "load_average_end": load_average(),
             "machine": machine_info(), "rows": [row]}
-    print(f"wrote {write_json(args.out, data)}")
+    print(f"wrote {write_json(args.out or DEFAULT_OUT, data)}")
     return data
 
 
