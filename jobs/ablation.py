@@ -37,6 +37,12 @@ def finished(out: str, total_steps: int) -> dict | None:
     return evals[-1] if evals and evals[-1]["step"] == total_steps else None
 
 
+def session_seconds(out: str) -> float | None:
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")).read().splitlines()]
+    sessions = [r for r in records if "session_seconds" in r]
+    return sessions[-1]["session_seconds"] if sessions and sessions[-1]["session_start_step"] == 0 else None
+
+
 def run(name: str, retrain: bool) -> dict:
     from jobs.train import train
 
@@ -48,9 +54,9 @@ def run(name: str, retrain: bool) -> dict:
         start = time.perf_counter()
         train(cfg, preset.build_model(cfg))
         seconds = time.perf_counter() - start
-    else:
+    else:  # trained before: by this job, else by jobs.train in one session (its metrics say how long)
         previous = os.path.join(cfg.out, "ablation_time.json")
-        seconds = json.load(open(previous))["seconds"] if os.path.exists(previous) else None
+        seconds = json.load(open(previous))["seconds"] if os.path.exists(previous) else session_seconds(cfg.out)
     if seconds is not None:
         with open(os.path.join(cfg.out, "ablation_time.json"), "w") as f:
             json.dump({"seconds": seconds}, f)
@@ -60,13 +66,15 @@ def run(name: str, retrain: bool) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | recipe | steps x batch | train time | val loss | val t2i MRR@10 | val t2i R@10 | val zero-shot acc@1 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | recipe | steps x batch | train time | val loss | val label-query MRR@10 | "
+             "val t2i MRR@10 (all captions) | val t2i R@10 | val zero-shot acc@1 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, row in rows:
         v = row["val"]
         minutes = f"{row['train_seconds'] / 60:.1f} min" if row["train_seconds"] else "n/a"
         lines.append(f"| ({key}) `{row['preset']}` | {dict((k, d) for k, _, d in RUNS)[key]} | "
-                     f"{row['steps']} x {row['batch_size']} | {minutes} | {v['loss']:.3f} | {v['t2i_mrr@10']:.4f} | "
+                     f"{row['steps']} x {row['batch_size']} | {minutes} | {v['loss']:.3f} | {v['t2i_label_mrr@10']:.4f} | "
+                     f"{v['t2i_mrr@10']:.4f} | "
                      f"{v['t2i_recall@10']:.4f} | {v['zeroshot_acc@1']:.4f} |")
     random_mrr = rows[0][1]["val"]["t2i_mrr@10_random"]
     lines.append(f"\nRandom-ranking MRR@10 for this split: {random_mrr:.4f}.")

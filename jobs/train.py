@@ -11,8 +11,9 @@ clip-italian recipe trains only the projections, the second everything. Each pha
 optimizer state and its own warmup + cosine schedule, as clip-italian's two runs did.
 
 Outputs in --out: the model checkpoint (config.json, flax_model.msgpack, tokenizer files),
-train_state.msgpack (params, optimizer state, step: what --resume needs), metrics.jsonl, and at
-the end curves.png.
+train_state.msgpack (params, optimizer state, step: what --resume needs), metrics.jsonl (loss,
+learning rate, pairs/s and the wall time since this process started training, every log_every
+steps; the validation figures; at the end the session's wall time), and at the end curves.png.
 """
 from __future__ import annotations
 
@@ -73,10 +74,23 @@ def trainable_names(params_flat: dict, phase: Phase, fixed_scale: bool) -> list[
     return sorted(names)
 
 
-def contrastive_loss(logits_per_text):
-    labels = jnp.arange(logits_per_text.shape[0])
-    ce = optax.softmax_cross_entropy_with_integer_labels
-    return (ce(logits_per_text, labels).mean() + ce(logits_per_text.T, labels).mean()) / 2
+def same_caption(ids):
+    """[B, B] bool: rows of the batch whose token ids are identical (the same caption)."""
+    return (ids[:, None, :] == ids[None, :, :]).all(axis=-1)
+
+
+def contrastive_loss(logits_per_text, same=None):
+    """Symmetric InfoNCE. With `same` ([B, B] bool, true on the diagonal), pairs whose captions
+    are the same text are positives too, sharing the target mass: with several captions per image
+    two images of a batch can both draw a keyword such as `동물`, and neither is a wrong answer."""
+    if same is None:
+        labels = jnp.arange(logits_per_text.shape[0])
+        ce = optax.softmax_cross_entropy_with_integer_labels
+        return (ce(logits_per_text, labels).mean() + ce(logits_per_text.T, labels).mean()) / 2
+    targets = same.astype(logits_per_text.dtype)
+    targets = targets / targets.sum(axis=1, keepdims=True)  # symmetric, so the same for columns
+    ce = optax.softmax_cross_entropy
+    return (ce(logits_per_text, targets).mean() + ce(logits_per_text.T, targets).mean()) / 2
 
 
 def make_train_step(model: KoCLIP, optimizer, names: list[str]):
@@ -85,7 +99,7 @@ def make_train_step(model: KoCLIP, optimizer, names: list[str]):
     def loss_fn(trainable, frozen, ids, mask, pixels, rng):
         params = unflatten_dict({**frozen, **trainable}, sep="/")
         logits, _ = model.contrastive_logits(params, ids, mask, pixels, deterministic=False, rng=rng)
-        return contrastive_loss(logits)
+        return contrastive_loss(logits, same_caption(ids))
 
     def step(flat, opt_state, ids, mask, pixels, rng):
         trainable = {k: flat[k] for k in names}
@@ -145,7 +159,7 @@ def plot_curves(metrics: list[dict], path: str) -> None:
     axes[0].plot([m["step"] for m in train], [m["loss"] for m in train], label="train loss")
     if evals:
         axes[0].plot([m["step"] for m in evals], [m["eval"]["loss"] for m in evals], "o-", label="val loss")
-        for key in ("t2i_mrr@10", "t2i_recall@1", "zeroshot_acc@1"):
+        for key in ("t2i_label_mrr@10", "t2i_mrr@10", "t2i_recall@1", "zeroshot_acc@1"):
             if key in evals[0]["eval"]:
                 axes[1].plot([m["step"] for m in evals], [m["eval"][key] for m in evals], "o-", label=key)
     for ax, title in zip(axes, ("contrastive loss", "validation retrieval")):
@@ -169,9 +183,9 @@ class Validation:
         self.records, self.cfg, self.config, self.tokenizer_dir = records, cfg, config, tokenizer_dir
         size = min(cfg.batch_size, len(records))
         self.batches = PairBatches(records, config, tokenizer, size, seed=0, augment_images=False,
-                                   cache_images=cfg.cache_images)
+                                   cache_images=cfg.cache_images, label_probability=cfg.label_probability)
         self.loss_fn = jax.jit(lambda params, ids, mask, pixels: contrastive_loss(
-            model.contrastive_logits(params, ids, mask, pixels)[0]))
+            model.contrastive_logits(params, ids, mask, pixels)[0], same_caption(ids)))
 
     def __call__(self, flat) -> dict:
         from jobs.evaluate import evaluate
@@ -224,7 +238,7 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
     if cfg.batch_size % mesh.size:
         raise UsageError(f"batch_size {cfg.batch_size} is not a multiple of the {mesh.size} devices")
     batches = PairBatches(train_records, config, tokenizer, cfg.batch_size, cfg.seed, cfg.augment,
-                          cache_images=cfg.cache_images)
+                          cache_images=cfg.cache_images, label_probability=cfg.label_probability)
     eval_every = cfg.eval_every or batches.steps_per_epoch
     validate = Validation(eval_records, model, config, tokenizer, cfg, cfg.out) if eval_records else None
     metrics = MetricsLog(fs.join(cfg.out, METRICS_NAME), keep_until=start_step if resume else None)
@@ -237,7 +251,8 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
     current_phase, step_fn, opt_state, names = None, None, None, None
     pending = batches.prefetch(start_step) if start_step < end else None
     bar = tqdm(total=end, initial=start_step, disable=not progress, desc="train", unit="step")
-    last_time, last_step, loss = time.perf_counter(), start_step, None
+    started = last_time = time.perf_counter()
+    last_step, loss = start_step, None
     for step in range(start_step, end):
         index, phase_start = phase_at(cfg.phases, step)
         if index != current_phase:
@@ -263,7 +278,7 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
             lr = float(phase_schedule(cfg, cfg.phases[index])(done - phase_start - 1))
             metrics.add(step=done, phase=index, loss=loss, lr=lr,
                         pairs_per_s=(done - last_step) * cfg.batch_size / (now - last_time),
-                        skipped_images=len(batches.failed))
+                        skipped_images=len(batches.failed), elapsed_seconds=round(now - started, 1))
             bar.set_postfix(loss=f"{loss:.3f}", phase=index)
             last_time, last_step = now, done
         if done % cfg.checkpoint_every == 0 or done == end:
@@ -274,6 +289,8 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
     if batches.failed:
         log.warning("%d training images could not be decoded and were skipped", len(batches.failed))
     if end == total:
+        metrics.add(step=end, session_seconds=round(time.perf_counter() - started, 1),  # training + validation
+                    session_start_step=start_step)
         plot_curves(metrics.records, fs.join(cfg.out, "curves.png"))
     return {"step": end, "loss": None if loss is None else float(loss), "skipped_images": len(batches.failed)}
 

@@ -4,6 +4,10 @@ What batch a step gets is a function of (seed, step) only, so a resumed run sees
 batches an uninterrupted run would have: epoch e uses permutation(seed, e), step s takes its
 slice, and each item draws its caption and augmentation from rng(seed, step, slot).
 
+Caption sampling: with `label_probability` 0 an item's captions are drawn uniformly; with p > 0
+its first caption (emoji-ko: the emoji's name) is drawn with probability p and the others
+(CLDR label and keywords) uniformly otherwise. An item with one caption always gives it.
+
 An image that cannot be read or decoded is skipped, counted and logged once; its slot is filled
 by the next item of the epoch's order, so the batch keeps its shape and jit does not recompile.
 """
@@ -27,7 +31,9 @@ log = logging.getLogger(__name__)
 class PairBatches:
     def __init__(self, records, config: HybridCLIPConfig, tokenizer, batch_size: int, seed: int,
                  augment_images: bool = True, augment_config: AugmentConfig = AugmentConfig(),
-                 cache_images: bool = False, workers: int = 4):
+                 cache_images: bool = False, workers: int = 4, label_probability: float = 0.0):
+        if not 0.0 <= label_probability <= 1.0:
+            raise UsageError(f"label_probability must be in [0, 1], got {label_probability}")
         if len(records) < batch_size:
             raise UsageError(f"{len(records)} training pairs is fewer than one batch of {batch_size}; "
                              "lower it with --set batch_size=N")
@@ -38,6 +44,7 @@ class PairBatches:
         self.seed = seed
         self.augment_images = augment_images
         self.augment_config = augment_config
+        self.label_probability = label_probability
         self.steps_per_epoch = len(records) // batch_size
         self.failed: dict[int, str] = {}  # record index -> reason
         self._cache: dict[int, Image.Image] | None = {} if cache_images else None
@@ -72,6 +79,14 @@ class PairBatches:
         return preprocess_image(image, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resize_shortest_edge,
                                 cfg.image_resize_mode, cfg.image_resample)
 
+    def caption(self, captions: tuple[str, ...], rng: np.random.Generator) -> str:
+        """One caption of an item (see the module docstring for the rule)."""
+        if self.label_probability == 0.0 or len(captions) == 1:
+            return captions[int(rng.integers(len(captions)))]
+        if rng.random() < self.label_probability:
+            return captions[0]
+        return captions[1 + int(rng.integers(len(captions) - 1))]
+
     def _slot(self, step: int, slot: int, order: np.ndarray, start: int):
         """The item for one batch slot: the first decodable record at or after its position."""
         for offset in range(len(order)):
@@ -79,8 +94,7 @@ class PairBatches:
             image = self._image(index)
             if image is not None:
                 rng = np.random.default_rng([self.seed, step, slot])
-                captions = self.records[index].captions
-                caption = captions[int(rng.integers(len(captions)))]
+                caption = self.caption(self.records[index].captions, rng)
                 return self._pixels(image, rng), caption
         raise ManifestError("no training image could be decoded (see the warnings above)")
 
