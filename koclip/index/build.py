@@ -3,19 +3,15 @@
 except the tuning query rows, which are held out while tuning and come last
 (koclip.index.tuning). A caption index has one row per caption, id "item#k".
 
-Which index (koclip.index.plan.candidates): every kind that fits the memory budget, in order of
-expected search speed, is built and tuned on the held-out rows in turn; the first whose tuning
-reaches the target recall is published, and the kinds after it are never built. Exact search
-(flat) is the last candidate whenever it fits, so a target is always kept when flat fits the
-budget. When no candidate reaches it (flat does not fit, or the kind is forced), the build refuses
-in one line naming the best recall found, unless allow_below_target publishes that best one.
-meta.json "candidates" lists what was tried: kind, factory, search parameters, recall, seconds.
-Two IVF kinds with the same nlist (ivfsq8, ivfflat) share one k-means run.
-
-A build reads the store's vectors once when a flat or hnsw candidate is tried (they hold every
-vector anyway) and keeps them for the candidates after it; until then the IVF kinds stream: one
-pass gathers the training sample and the tuning queries, a second adds each shard and finds the
-queries' exact neighbours on the way (kept for the next candidate).
+Which index (koclip.index.plan.candidates): the kinds that fit the memory budget, in order of
+expected search speed, are built and tuned on the held-out rows in turn; the first reaching the
+target is published, the later ones never built. Exact search, last whenever it fits, always
+reaches it; when none does, the build refuses in one line naming the best recall, unless
+allow_below_target publishes that one (meta.json "candidates": what was tried). ivfsq8 and ivfflat
+with the same nlist share one k-means run. The store's vectors are read once when a flat or hnsw
+candidate is tried (they hold every vector anyway) and kept for the next; until then the IVF kinds
+stream: one pass for the training sample and the tuning queries, one to add each shard, finding
+the queries' exact neighbours on the way (kept for the next candidate).
 
 Extending (extend_index): the CURRENT version plus the rows of `add` (a store of the same model)
 minus the items in `remove` (item ids; a caption index drops all of an item's captions). An added
@@ -55,7 +51,7 @@ from koclip.index.faiss_ops import (add_truth, add_vectors, coarse_centroids, co
                                     train)
 from koclip.index.load import load_index, read_index_file
 from koclip.index.plan import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, IVF_KINDS, RECALL_K, Plan,
-                               candidates, estimate_memory, format_bytes, parse_memory, plan_of)
+                               candidates, estimate_memory, format_bytes, kept_plan, parse_memory, plan_of)
 from koclip.index.tuning import (Tuning, build_and_tune, holdout_order, holdout_truth, query_rows, train_rows,
                                  tune)
 from koclip.index.versions import (ROWS_SCHEMA, current_version, make_meta, new_version, publish_written,
@@ -327,22 +323,6 @@ def _rows_and_vectors(add, column: str, fingerprint: str, dim: int) -> tuple[pa.
                               "an index never mixes models: rebuild it with build_index")
     rows, counts = read_rows(store, column)
     return rows, read_vectors(store, column, counts)
-
-
-def kept_plan(old: Plan, plans: list[Plan], meta: dict) -> Plan | None:
-    """The candidate of the old index's kind, when an extension may keep that kind (module
-    docstring: still a candidate, every faster candidate missed the target in an earlier build,
-    an IVF nlist within 2x), else None: rebuild through the candidates."""
-    kinds = [p.kind for p in plans]
-    if old.kind not in kinds:
-        return None
-    missed = {c["kind"] for c in meta.get("candidates", []) if not c["target_reached"]}
-    if any(k not in missed for k in kinds[:kinds.index(old.kind)]):
-        return None
-    new = plans[kinds.index(old.kind)]
-    if old.kind in IVF_KINDS and not new.nlist / 2 < old.nlist < new.nlist * 2:
-        return None
-    return new
 
 
 def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None = None, remove: Iterable[str] = (),

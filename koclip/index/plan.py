@@ -174,6 +174,22 @@ def choose_index(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMORY, k
     return candidates(n, dim, max_memory, kind)[0]
 
 
+def kept_plan(old: Plan, plans: list[Plan], meta: dict) -> Plan | None:
+    """The candidate of the old index's kind, when an extension may keep that kind (koclip.index.build's
+    docstring: still a candidate, every faster candidate missed the target in an earlier build,
+    an IVF nlist within 2x), else None: rebuild through the candidates."""
+    kinds = [p.kind for p in plans]
+    if old.kind not in kinds:
+        return None
+    missed = {c["kind"] for c in meta.get("candidates", []) if not c["target_reached"]}
+    if any(k not in missed for k in kinds[:kinds.index(old.kind)]):
+        return None
+    new = plans[kinds.index(old.kind)]
+    if old.kind in IVF_KINDS and not new.nlist / 2 < old.nlist < new.nlist * 2:
+        return None
+    return new
+
+
 def kind_of(index: faiss.Index) -> str:
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexFlat):
