@@ -53,6 +53,7 @@ from koclip import fs, store
 from koclip.cli import ArgumentParser, run_cli
 from koclip.data.manifest import Item
 from koclip.errors import KoclipError, UsageError
+from koclip.index import KINDS
 from pipelines.listing import input_root, list_items
 from pipelines.transforms.write import DEAD_LETTER_DIR, read_dead_letters
 
@@ -169,7 +170,9 @@ def _build_settings(args, meta: dict) -> dict:
 
     return {"kind": args.kind or meta.get("kind_requested", "auto"),
             "max_memory": args.max_memory or meta.get("max_memory", kindex.DEFAULT_MAX_MEMORY),
-            "target_recall": args.target_recall or meta.get("target_recall", kindex.DEFAULT_TARGET_RECALL)}
+            "target_recall": args.target_recall or meta.get("target_recall", kindex.DEFAULT_TARGET_RECALL),
+            "allow_below_target": bool(args.allow_below_target if args.allow_below_target is not None
+                                       else meta.get("allow_below_target", False))}
 
 
 def _published_meta(root: str) -> dict:
@@ -188,7 +191,7 @@ def publish_index(args, live: str, pending: Pending, before_publish) -> tuple[st
     from koclip import index as kindex
 
     options = dict(kind=args.kind, max_memory=args.max_memory, target_recall=args.target_recall, keep=args.keep,
-                   before_publish=before_publish)
+                   allow_below_target=args.allow_below_target, before_publish=before_publish)
     if pending.full or not index_is_published(args.index):
         settings = _build_settings(args, _published_meta(args.index))
         built = kindex.build_index(live, args.index, column=args.column, **{**options, **settings})
@@ -339,12 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--column", default="image_embedding", choices=store.EMBEDDING_COLUMNS)
     p.add_argument("--keep", type=int, default=3, help="index versions to keep (default 3)")
     # None: the published index's own setting (the first build: auto, 4GB, 0.95)
-    p.add_argument("--kind", default=None, choices=["auto", "flat", "hnsw", "ivfpq"],
+    p.add_argument("--kind", default=None, choices=["auto", *KINDS],
                    help="index type (default: the published index's; auto for the first build)")
     p.add_argument("--max-memory", default=None,
                    help="memory budget of the index (default: the published index's; 4GB for the first build)")
     p.add_argument("--target-recall", type=float, default=None,
                    help="recall@10 to tune for (default: the published index's; 0.95 for the first build)")
+    p.add_argument("--allow-below-target", action="store_const", const=True, default=None,
+                   help="publish the best index found when none within the budget reaches the target "
+                        "(default: the published index's setting; else refuse)")
     p.add_argument("--content-hash", action="store_true",
                    help="compare files by the sha256 of their bytes instead of size + etag/mtime")
     p.add_argument("--reembed", action="store_true",
