@@ -39,7 +39,7 @@ from koclip import fs
 from koclip.data.manifest import MANIFEST_EXTENSIONS, Item, is_manifest, iter_manifest
 from koclip.data.manifest_scan import ListingReject, ManifestScan
 from koclip.errors import KoclipError, ManifestError
-from pipelines.inputs import IMAGE_EXTENSIONS, InputOptions, Shard, kept_values
+from pipelines.inputs.base import IMAGE_EXTENSIONS, InputOptions, Shard, kept_values
 
 
 

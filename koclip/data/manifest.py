@@ -345,3 +345,10 @@ def write_manifest(path: str | os.PathLike, items: Iterable[Item]) -> str:
             raise ValueError(f"item {item.id!r} has no caption")
     fs.write_bytes(path, dumps_manifest(items).encode("utf-8"))
     return path
+
+
+# Public names for the readers of other input layouts (pipelines.inputs), which follow these rules.
+RowError = _RowError
+read_rows = _rows
+id_hash = _id_hash
+repeated_hashes = _repeated_hashes

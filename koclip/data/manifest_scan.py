@@ -92,3 +92,6 @@ class ManifestScan:
                                 "previous pass); run again")
         self._repeated = known | unknown
         self.complete = not unknown
+
+
+reject_from_row = _reject  # public, for pipelines.inputs.manifests

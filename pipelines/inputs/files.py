@@ -14,7 +14,7 @@ import posixpath
 from koclip import fs
 from koclip.data.manifest import Item
 from koclip.data.manifest_scan import ListingReject
-from pipelines.inputs import (IMAGE_EXTENSIONS, SHARD_NAME, IdCheck, InputError, InputOptions, absolute,
+from pipelines.inputs.base import (IMAGE_EXTENSIONS, SHARD_NAME, IdCheck, InputError, InputOptions, absolute,
                               duplicate_reject, kept_values)
 
 _SIDECAR_COLUMNS = ("key", "url", "caption", "status", "error_message")

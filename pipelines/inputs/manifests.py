@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from koclip.data.manifest import MANIFEST_EXTENSIONS, _RowError, _rows, parse_row
-from koclip.data.manifest_scan import ListingReject, _reject
+from koclip.data.manifest import MANIFEST_EXTENSIONS, RowError, parse_row, read_rows
+from koclip.data.manifest_scan import ListingReject, reject_from_row
 from koclip.errors import ManifestError
-from pipelines.inputs import IdCheck, InputOptions, duplicate_reject, kept_values, list_paths
+from pipelines.inputs.base import IdCheck, InputOptions, duplicate_reject, kept_values, list_paths
 
 
 class ManifestShards:
@@ -40,13 +40,13 @@ class ManifestShards:
         keep = self.options.keep_columns
         empty = True
         for path in list_paths(self.source, MANIFEST_EXTENSIONS, "manifest shards"):
-            for row, where, number, raw in _rows(path):
+            for row, where, number, raw in read_rows(path):
                 try:
-                    if isinstance(row, _RowError):
+                    if isinstance(row, RowError):
                         raise row
                     item = parse_row(row, where, path)
-                except _RowError as e:
-                    self.rejects.append(_reject(path, number, e, row, raw))
+                except RowError as e:
+                    self.rejects.append(reject_from_row(path, number, e, row, raw))
                     continue
                 item = replace(item, extra=kept_values(item.extra, keep) if keep else {})
                 first = self._ids.duplicate_of(item.id, where)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from koclip import fs
 from koclip.data.manifest import Item
 from koclip.data.manifest_scan import ListingReject
-from pipelines.inputs import (IMAGE_BYTES_COLUMNS, IdCheck, InputError, InputOptions, Shard, duplicate_reject,
+from pipelines.inputs.base import (IMAGE_BYTES_COLUMNS, IdCheck, InputError, InputOptions, Shard, duplicate_reject,
                               kept_values, list_paths)
 from pipelines.transforms.decode import DEFAULT_MAX_BYTES, Payload, UnitRef
 

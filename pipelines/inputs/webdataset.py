@@ -34,7 +34,7 @@ from dataclasses import replace
 from koclip import fs
 from koclip.data.manifest import Item
 from koclip.data.manifest_scan import ListingReject
-from pipelines.inputs import (IMAGE_EXTENSIONS, IdCheck, InputOptions, Shard, duplicate_reject, kept_values,
+from pipelines.inputs.base import (IMAGE_EXTENSIONS, IdCheck, InputOptions, Shard, duplicate_reject, kept_values,
                               list_paths)
 from pipelines.transforms.decode import CAPTION_MAX_BYTES, DEFAULT_MAX_BYTES, Payload, UnitRef
 
@@ -102,7 +102,7 @@ class WebDatasetInput:
             names = set(parquet.schema_arrow.names)
             columns = [c for c in dict.fromkeys((*_SIDECAR_COLUMNS, id_column, *keep)) if c in names]
             if id_column not in names:
-                from pipelines.inputs import InputError
+                from pipelines.inputs.base import InputError
 
                 raise InputError(f"{sidecar} has no column {id_column!r} for the ids (see --id-column)")
             number = 0
