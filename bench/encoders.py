@@ -1,9 +1,10 @@
 """Encoder throughput on CPU: our jitted Flax towers vs transformers' PyTorch models.
 
-One run measures (1) the machine's matmul peak, (2) the image tower (CLIP ViT-B/32) and
-(3) the text tower (RoBERTa-large at --text-length tokens), each in our Flax implementation
+One run measures (1) the machine's matmul peak, (2) the image tower (CLIP ViT-B/32), (3) the
+text tower (RoBERTa-large at --text-length tokens) and (4) the CLIP text transformer of ViT-B/32
+(`cliptext`, at --clip-text-length tokens, CLIP's 77 by default), each in our Flax implementation
 (`KoCLIP.encode_image` / `encode_text` under jax.jit) and in transformers' `CLIPVisionModel` /
-`RobertaModel` (with pooler) under torch.inference_mode(), for each dtype. Weights are random:
+`RobertaModel` (with pooler) / `CLIPTextModel` under torch.inference_mode(), for each dtype. Weights are random:
 speed only depends on the architecture and the shapes. The hybrid model needs both towers, so
 the tower being measured is paired with koclip.config.tiny_config's other tower.
 
@@ -46,28 +47,41 @@ import transformers
 
 from bench.common import (available_cores, cpu_snapshot, load_average, machine_info, other_load, print_table,
                           summarize, timed, timed_result, write_json)
-from koclip.config import HybridCLIPConfig, TextConfig, VisionConfig, tiny_config
+from koclip.config import CLIP_TEXT_DEFAULTS, HybridCLIPConfig, TextConfig, VisionConfig, tiny_config
 from koclip.modeling import KoCLIP
 
 DTYPES = ("float32", "bfloat16")
+TORCH_BF16_USABLE = 0.25  # torch bf16 rows are measured when its bf16 matmul is at least this x its f32
 # Field names shared by our configs and transformers' CLIPVisionConfig / RobertaConfig.
 VISION_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "hidden_act", "image_size", "patch_size", "layer_norm_eps")
 TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id")
+CLIP_TEXT_KEYS = tuple(k for k in TEXT_KEYS if k != "type_vocab_size") + ("eos_token_id",)
+TOWERS = ("image", "text", "cliptext")
 VIT_B32 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                hidden_act="quick_gelu", image_size=224, patch_size=32, layer_norm_eps=1e-5)
 ROBERTA_LARGE = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                      intermediate_size=4096, hidden_act="gelu", max_position_embeddings=514,
                      type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1)
+CLIP_B32_TEXT = {k: CLIP_TEXT_DEFAULTS[k] for k in CLIP_TEXT_KEYS}
 
 
 def tower_specs(quick: bool) -> dict[str, dict]:
     if not quick:
-        return {"image": VIT_B32, "text": ROBERTA_LARGE}
+        return {"image": VIT_B32, "text": ROBERTA_LARGE, "cliptext": CLIP_B32_TEXT}
     tiny = tiny_config("roberta")
+    tiny_clip = tiny_config("clip_text_model").text_config
     return {"image": {k: getattr(tiny.vision_config, k) for k in VISION_KEYS},
-            "text": {k: getattr(tiny.text_config, k) for k in TEXT_KEYS}}
+            "text": {k: getattr(tiny.text_config, k) for k in TEXT_KEYS},
+            "cliptext": {k: getattr(tiny_clip, k) for k in CLIP_TEXT_KEYS}}
+
+
+def text_length(tower: str, spec: dict, args) -> int:
+    """Tokens per caption; CLIP's text tower cannot take more than its position table (the tiny one: fewer)."""
+    if tower == "cliptext":
+        return min(args.clip_text_length, spec["max_position_embeddings"])
+    return args.text_length
 
 
 def tokens_per_item(tower: str, spec: dict, text_length: int) -> int:
@@ -82,7 +96,8 @@ def flops_per_item(tower: str, spec: dict, text_length: int) -> float:
         per layer   2*n*(4*d^2 + 2*d*f)      q, k, v, out projections and the two MLP matmuls
                   + 4*n^2*d                  scores q.k^T and probs.v over all heads
         image       + 2*(S/P)^2*(3*P^2)*d    the patch embedding (a stride-P conv)
-        text        + 2*d^2                  the pooler dense on the first token
+        text        + 2*d^2                  the pooler dense on the first token (not cliptext:
+                                             CLIP pools the end-of-text token's state as it is)
     Layer norms, softmax, activations, embedding lookups and our projection to the shared space
     (2*d*projection_dim, absent from the torch models) are left out: a few % at most.
     """
@@ -91,12 +106,12 @@ def flops_per_item(tower: str, spec: dict, text_length: int) -> float:
     total = layers * (2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d)
     if tower == "image":
         total += 2 * (n - 1) * 3 * spec["patch_size"] ** 2 * d
-    else:
+    elif tower == "text":
         total += 2 * d * d
     return float(total)
 
 
-def matmul_peak(n: int, repeats: int) -> dict[str, float]:
+def matmul_peak(n: int, repeats: int, torch_bf16: bool = True) -> dict[str, float]:
     """GFLOP/s of the best of `repeats` n x n matmuls per framework and dtype.
 
     "jax bfloat16->f32" asks for a float32 result (preferred_element_type): XLA's CPU backend
@@ -117,6 +132,8 @@ def matmul_peak(n: int, repeats: int) -> dict[str, float]:
         "jax bfloat16->f32": lambda: matmul_f32_out(ha, hb).block_until_ready(),
         "torch bfloat16": lambda: torch.mm(tc, td),
     }
+    if not torch_bf16:
+        del cases["torch bfloat16"]
     for run in cases.values():
         run()  # compile / warm up
     best = {name: float("inf") for name in cases}
@@ -124,6 +141,18 @@ def matmul_peak(n: int, repeats: int) -> dict[str, float]:
         for name, run in cases.items():
             best[name] = min(best[name], timed(run))
     return {name: 2 * n ** 3 / s / 1e9 for name, s in best.items()}
+
+
+def torch_bf16_probe(n: int = 512, repeats: int = 3) -> dict:
+    """torch's bfloat16 and float32 matmul GFLOP/s at n x n. On a CPU without AVX-512 BF16 or AMX
+    (an AVX2-only EPYC, for one) torch's bf16 matmul takes a scalar path some 30x slower than its
+    float32: a bf16 tower row would then take hours and measure nothing of interest."""
+    a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    b = a.bfloat16()
+    f32 = min(timed(lambda: torch.mm(a, a)) for _ in range(repeats))
+    bf16 = min(timed(lambda: torch.mm(b, b)) for _ in range(repeats))
+    gflops = {"float32": 2 * n ** 3 / f32 / 1e9, "bfloat16": 2 * n ** 3 / bf16 / 1e9, "n": n}
+    return {**gflops, "usable": gflops["bfloat16"] >= TORCH_BF16_USABLE * gflops["float32"]}
 
 
 def xla_threads() -> int | None:
@@ -143,6 +172,9 @@ def make_inputs(tower: str, spec: dict, batch: int, text_length: int, seed: int 
         pixels = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
         return (jnp.asarray(pixels),), {"pixel_values": torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())}
     ids = rng.integers(3, spec["vocab_size"], (batch, text_length), dtype=np.int32)
+    if tower == "cliptext":  # the end-of-text token ends every caption; its state is the pooled output
+        ids[ids == spec["eos_token_id"]] = 3
+        ids[:, -1] = spec["eos_token_id"]
     mask = np.ones_like(ids)
     return ((jnp.asarray(ids), jnp.asarray(mask)),
             {"input_ids": torch.from_numpy(ids).long(), "attention_mask": torch.from_numpy(mask).long()})
@@ -151,7 +183,8 @@ def make_inputs(tower: str, spec: dict, batch: int, text_length: int, seed: int 
 def ours(tower: str, spec: dict, text_length: int):
     """A function of dtype -> (encode function, params in that dtype) for the measured tower."""
     tiny = tiny_config("roberta")
-    text = TextConfig(model_type="roberta", **spec) if tower == "text" else tiny.text_config
+    text = {"text": lambda: TextConfig(model_type="roberta", **spec),
+            "cliptext": lambda: TextConfig(model_type="clip_text_model", **spec)}.get(tower, lambda: tiny.text_config)()
     vision = VisionConfig(model_type="clip_vision_model", **spec) if tower == "image" else tiny.vision_config
     config = HybridCLIPConfig(text_config=text, vision_config=vision, max_text_length=text_length,
                               text_length_buckets=(text_length,))
@@ -169,14 +202,18 @@ def torch_model(tower: str, spec: dict) -> torch.nn.Module:
     torch.manual_seed(0)
     if tower == "image":
         return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**spec)).eval()
+    if tower == "cliptext":
+        config = transformers.CLIPTextConfig(**spec, bos_token_id=spec["eos_token_id"] - 1)
+        return transformers.CLIPTextModel(config).eval()
     return transformers.RobertaModel(transformers.RobertaConfig(**spec), add_pooling_layer=True).eval()
 
 
-def bench_tower(tower: str, spec: dict, args) -> list[dict]:
-    jax_inputs, torch_inputs = make_inputs(tower, spec, args.batch_size, args.text_length)
-    encode = ours(tower, spec, args.text_length)
+def bench_tower(tower: str, spec: dict, args, torch_bf16: bool = True) -> list[dict]:
+    length = text_length(tower, spec, args)
+    jax_inputs, torch_inputs = make_inputs(tower, spec, args.batch_size, length)
+    encode = ours(tower, spec, length)
     model = torch_model(tower, spec)
-    flops = flops_per_item(tower, spec, args.text_length)
+    flops = flops_per_item(tower, spec, length)
     rows = []
     for dtype in sorted(args.dtypes, key=lambda d: d != "float32"):  # float32 first: torch converts in place
         fn, params = encode(dtype)
@@ -190,6 +227,8 @@ def bench_tower(tower: str, spec: dict, args) -> list[dict]:
 
         runners = {"ours (flax)": lambda: compiled(params, *jax_inputs).block_until_ready(),
                    "transformers (torch)": run_torch}
+        if dtype == "bfloat16" and not torch_bf16:
+            del runners["transformers (torch)"]
         warmup = {name: timed(run) for name, run in runners.items()}
         times = {name: [] for name in runners}
         start = cpu_snapshot()
@@ -202,14 +241,15 @@ def bench_tower(tower: str, spec: dict, args) -> list[dict]:
             items_per_s = args.batch_size / stats["best_s"]
             rows.append({
                 "tower": tower, "framework": name, "dtype": dtype, "batch_size": args.batch_size,
-                "tokens_per_item": tokens_per_item(tower, spec, args.text_length),
+                "tokens_per_item": tokens_per_item(tower, spec, length),
                 "items_per_s": items_per_s, "ms_per_batch": 1e3 * stats["best_s"],
                 "median_items_per_s": args.batch_size / stats["median_s"],
                 "gflop_per_item": flops / 1e9, "gflop_per_s": flops * items_per_s / 1e9,
                 "compile_s": compile_s if name.startswith("ours") else None,
                 "first_call_s": warmup[name], "other_processes_cores": others, **stats,
             })
-        rows[-2]["ratio_ours_over_torch"] = rows[-2]["items_per_s"] / rows[-1]["items_per_s"]
+        if len(runners) == 2:
+            rows[-2]["ratio_ours_over_torch"] = rows[-2]["items_per_s"] / rows[-1]["items_per_s"]
     return rows
 
 
@@ -220,7 +260,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="items per batch (default 32; --quick: 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed batches per row (default 5; --quick: 1)")
     p.add_argument("--text-length", type=int, default=32, help="tokens per caption (default 32)")
-    p.add_argument("--only", choices=("image", "text"), help="measure one tower only")
+    p.add_argument("--clip-text-length", type=int, default=77, help="tokens per caption for cliptext (default 77)")
+    p.add_argument("--only", choices=TOWERS, help="measure one tower only")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of float32,bfloat16")
     p.add_argument("--quick", action="store_true", help="tiny configs, one repeat: a smoke run in seconds")
     args = p.parse_args(argv)
@@ -237,7 +278,11 @@ def main(argv=None) -> dict:
     load_at_start, cores = load_average(), available_cores()
     torch.set_num_threads(cores)
     peak_n, peak_repeats = (256, 3) if args.quick else (2048, 10)
-    peak_runs = matmul_peak(peak_n, peak_repeats)
+    probe = torch_bf16_probe()
+    if "bfloat16" in args.dtypes and not probe["usable"]:
+        print(f"torch bfloat16 matmul {probe['bfloat16']:.1f} GFLOP/s vs float32 {probe['float32']:.1f} "
+              f"({probe['n']}^2): no native bf16 on this CPU; torch's bf16 rows are not measured")
+    peak_runs = matmul_peak(peak_n, peak_repeats, probe["usable"])
     threads = {"torch_intra_op": torch.get_num_threads(), "xla_intra_op_observed": xla_threads(),
                "xla_flags": os.environ.get("XLA_FLAGS", "")}
     print(f"{cores} cores available; torch threads {threads['torch_intra_op']}; XLA CPU pool "
@@ -245,10 +290,10 @@ def main(argv=None) -> dict:
           f"XLA_FLAGS={threads['xla_flags']!r}; load average {load_at_start}")
     specs = tower_specs(args.quick)
     rows = []
-    for tower in [args.only] if args.only else ["image", "text"]:
-        rows += bench_tower(tower, specs[tower], args)
+    for tower in [args.only] if args.only else TOWERS:
+        rows += bench_tower(tower, specs[tower], args, probe["usable"])
     # The peak again at the end, keeping the better figure: the peak is what the machine can do.
-    peak_runs = {k: max(v, w) for (k, v), w in zip(peak_runs.items(), matmul_peak(peak_n, peak_repeats).values())}
+    peak_runs = {k: max(v, w) for (k, v), w in zip(peak_runs.items(), matmul_peak(peak_n, peak_repeats, probe["usable"]).values())}
     peaks = {d: max(v for k, v in peak_runs.items() if k.split()[1].startswith(d)) for d in DTYPES}
     for r in rows:
         r["pct_of_matmul_peak"] = 100 * r["gflop_per_s"] / peaks[r["dtype"]]
@@ -272,6 +317,7 @@ def main(argv=None) -> dict:
         "settings": vars(args),
         "configs": specs,
         "matmul_peak_gflops": {"n": peak_n, "runs": peak_runs, "by_dtype": peaks},
+        "torch_bf16_probe": probe,
         "rows": rows,
     }
     print(f"wrote {write_json(args.out, result)}")
