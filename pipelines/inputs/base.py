@@ -104,6 +104,34 @@ class IdCheck:
         self.complete = not unknown
 
 
+class ShardedInput:
+    """What every input of shards holds: its source and options, the rows its listing rejected,
+    the columns kept into the embedding shards (img2dataset's `url` always) and the id check."""
+
+    def __init__(self, source: str, options: InputOptions = InputOptions()):
+        self.source = source
+        self.options = options
+        self.rejects: list[ListingReject] = []
+        self.kept_columns = tuple(dict.fromkeys(("url", *options.keep_columns)))
+        self._ids = IdCheck()
+
+    @property
+    def complete(self) -> bool:
+        return self._ids.complete
+
+
+def row_reject(path: str, row: dict, number: int, item_id, id_column: str | None) -> ListingReject | None:
+    """The reject of an img2dataset metadata row that is not an item, else None: a status other
+    than success (with img2dataset's error message, so the counts add up to its URL list), or no id."""
+    status = row.get("status")
+    if status is not None and status != "success":
+        return ListingReject(path, status, row.get("error_message") or status, row=number,
+                             id=None if item_id is None else str(item_id), uri=row.get("url"))
+    if item_id is None or not str(item_id).strip():
+        return ListingReject(path, "no_id", f"{path}: row {number}: no {id_column!r}", row=number, uri=row.get("url"))
+    return None
+
+
 def duplicate_reject(source: str, item: Item, where: str, first: str, row: int | None = None,
                      line: int | None = None) -> ListingReject:
     return ListingReject(source, "duplicate_id", f"{where}: duplicate id {item.id!r} (first at {first})",

@@ -13,24 +13,15 @@ import posixpath
 
 from koclip import fs
 from koclip.data.manifest import Item
-from koclip.data.manifest_scan import ListingReject
-from pipelines.inputs.base import (IMAGE_EXTENSIONS, SHARD_NAME, IdCheck, InputError, InputOptions, absolute,
-                              duplicate_reject, kept_values)
+from pipelines.inputs.base import (IMAGE_EXTENSIONS, SHARD_NAME, InputError, InputOptions, ShardedInput, absolute,
+                              duplicate_reject, kept_values, row_reject)
 
 _SIDECAR_COLUMNS = ("key", "url", "caption", "status", "error_message")
 
 
-class Img2datasetFiles:
+class Img2datasetFiles(ShardedInput):
     def __init__(self, source: str, options: InputOptions = InputOptions()):
-        self.source = absolute(source).rstrip("/")
-        self.options = options
-        self.rejects: list[ListingReject] = []
-        self.kept_columns = tuple(dict.fromkeys(("url", *options.keep_columns)))  # img2dataset's url always
-        self._ids = IdCheck()
-
-    @property
-    def complete(self) -> bool:
-        return self._ids.complete
+        super().__init__(absolute(source).rstrip("/"), options)
 
     def _sidecars(self) -> list[str]:
         if not fs.is_dir(self.source):
@@ -76,15 +67,10 @@ class Img2datasetFiles:
                 for row in batch.to_pylist():
                     number += 1
                     where = f"{sidecar}: row {number}"
-                    key, status, item_id = row.get("key"), row.get("status"), row.get(id_column)
-                    if status is not None and status != "success":
-                        self.rejects.append(ListingReject(sidecar, status, row.get("error_message") or status,
-                                                          row=number, id=None if item_id is None else str(item_id),
-                                                          uri=row.get("url")))
-                        continue
-                    if key is None or item_id is None:
-                        self.rejects.append(ListingReject(sidecar, "no_id", f"{where}: no {id_column!r}", row=number,
-                                                          uri=row.get("url")))
+                    key, item_id = row.get("key"), row.get(id_column)
+                    reject = row_reject(sidecar, row, number, None if key is None else item_id, id_column)
+                    if reject is not None:
+                        self.rejects.append(reject)
                         continue
                     caption = row.get("caption")
                     txt = files.get(f"{key}.txt")

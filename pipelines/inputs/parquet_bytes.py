@@ -21,9 +21,8 @@ import pyarrow as pa
 
 from koclip import fs
 from koclip.data.manifest import Item
-from koclip.data.manifest_scan import ListingReject
-from pipelines.inputs.base import (IMAGE_BYTES_COLUMNS, IdCheck, InputError, InputOptions, Shard, duplicate_reject,
-                              kept_values, list_paths)
+from pipelines.inputs.base import (IMAGE_BYTES_COLUMNS, InputError, Shard, ShardedInput, duplicate_reject,
+                              kept_values, list_paths, row_reject)
 from pipelines.transforms.decode import DEFAULT_MAX_BYTES, Payload, UnitRef
 
 _CAPTION_COLUMNS = ("caption", "txt", "text", "captions")
@@ -60,19 +59,8 @@ def find_image_column(path: str, image_column: str | None = None, refuse: bool =
     return None
 
 
-class ParquetBytesInput:
+class ParquetBytesInput(ShardedInput):
     """The Parquet files of `source` as work units (module docstring)."""
-
-    def __init__(self, source: str, options: InputOptions = InputOptions()):
-        self.source = source
-        self.options = options
-        self.rejects: list[ListingReject] = []
-        self.kept_columns = tuple(dict.fromkeys(("url", *options.keep_columns)))  # img2dataset's url always
-        self._ids = IdCheck()
-
-    @property
-    def complete(self) -> bool:
-        return self._ids.complete
 
     def units(self, unit_size: int):
         from pipelines.listing import Unit, unit_key
@@ -119,15 +107,9 @@ class ParquetBytesInput:
                     number += 1
                     where = f"{path}: row {number + 1}"
                     raw_id = row.get(id_column) if id_column else f"{stem}/{number}"
-                    status = row.get("status")
-                    if status is not None and status != "success":
-                        self.rejects.append(ListingReject(path, status, row.get("error_message") or status,
-                                                          row=number + 1, id=None if raw_id is None else str(raw_id),
-                                                          uri=row.get("url")))
-                        continue
-                    if raw_id is None or not str(raw_id).strip():
-                        self.rejects.append(ListingReject(path, "no_id", f"{where}: no {id_column!r}",
-                                                          row=number + 1, uri=row.get("url")))
+                    reject = row_reject(path, row, number + 1, raw_id, id_column)
+                    if reject is not None:
+                        self.rejects.append(reject)
                         continue
                     caption = row.get(caption_column) if caption_column else None
                     captions = (caption,) if isinstance(caption, str) else tuple(

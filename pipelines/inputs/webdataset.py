@@ -33,9 +33,8 @@ from dataclasses import replace
 
 from koclip import fs
 from koclip.data.manifest import Item
-from koclip.data.manifest_scan import ListingReject
-from pipelines.inputs.base import (IMAGE_EXTENSIONS, IdCheck, InputOptions, Shard, duplicate_reject, kept_values,
-                              list_paths)
+from pipelines.inputs.base import (IMAGE_EXTENSIONS, Shard, ShardedInput, duplicate_reject, kept_values,
+                              list_paths, row_reject)
 from pipelines.transforms.decode import CAPTION_MAX_BYTES, DEFAULT_MAX_BYTES, Payload, UnitRef
 
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
@@ -53,19 +52,8 @@ def sidecar_path(tar_path: str) -> str:
     return tar_path[:-len(".tar")] + ".parquet"
 
 
-class WebDatasetInput:
+class WebDatasetInput(ShardedInput):
     """The tars of `source` as work units (module docstring)."""
-
-    def __init__(self, source: str, options: InputOptions = InputOptions()):
-        self.source = source
-        self.options = options
-        self.rejects: list[ListingReject] = []
-        self.kept_columns = tuple(dict.fromkeys(("url", *options.keep_columns)))  # img2dataset's url always
-        self._ids = IdCheck()
-
-    @property
-    def complete(self) -> bool:
-        return self._ids.complete
 
     def units(self, unit_size: int):
         from pipelines.listing import Unit, unit_key
@@ -110,16 +98,11 @@ class WebDatasetInput:
                 for row in batch.to_pylist():
                     number += 1
                     where = f"{sidecar}: row {number}"
-                    key, status = row.get("key"), row.get("status")
+                    key = row.get("key")
                     item_id = row.get(id_column)
-                    if status is not None and status != "success":
-                        self.rejects.append(ListingReject(sidecar, status, row.get("error_message") or status,
-                                                          row=number, id=None if item_id is None else str(item_id),
-                                                          uri=row.get("url")))
-                        continue
-                    if item_id is None or key is None:
-                        self.rejects.append(ListingReject(sidecar, "no_id", f"{where}: no {id_column!r}", row=number,
-                                                          uri=row.get("url")))
+                    reject = row_reject(sidecar, row, number, None if key is None else item_id, id_column)
+                    if reject is not None:
+                        self.rejects.append(reject)
                         continue
                     extra = kept_values(row, keep)
                     if row.get("url") is not None:
