@@ -15,7 +15,8 @@ import sys
 from jobs import reindex
 
 
-def main(argv: list[str]) -> None:
+def run_and_kill(argv: list[str]) -> None:
+    """Not a user command line (tests/test_cli.py holds those to run_cli): a crash for the fault tests."""
     step, *reindex_argv = argv
     if step not in reindex.STEPS:
         sys.exit(f"reindex_killed: unknown step {step!r}; one of {', '.join(reindex.STEPS)}")
@@ -28,4 +29,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_and_kill(sys.argv[1:])
