@@ -3,7 +3,6 @@ streamed, with ids unique across shards and --keep-columns carried into the stor
 from __future__ import annotations
 
 import json
-import tracemalloc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +13,7 @@ from koclip import store
 from pipelines import embed
 from pipelines.inputs import InputOptions, detect_format, open_input
 from pipelines.transforms.write import read_dead_letters
+from test_listing import held_and_streamed_peak
 
 
 def _jsonl(path, rows):
@@ -70,14 +70,6 @@ def test_listing_sharded_manifests_holds_no_listing(tmp_path):
         _jsonl(tmp_path / f"s-{shard:03d}.jsonl", [{"id": f"{shard}-{i}", "image": f"gs://b/{shard}/{i}.jpg",
                                                     "captions": [f"사진 {i}"]} for i in range(750)])
     source = open_input(str(tmp_path))
-    tracemalloc.start()
-    items = [i for u in source.units(500) for i in u.items]
-    held = tracemalloc.get_traced_memory()[0]
-    del items
-    tracemalloc.stop()
-    tracemalloc.start()
-    counts = [len(u.items) for u in source.units(500)]
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    held, peak, counts = held_and_streamed_peak(source, 500)
     assert counts == [500] * 12 and source.complete and not source.rejects
     assert peak < held / 4, (peak, held)

@@ -351,14 +351,21 @@ def test_listing_a_folder_holds_one_subfolder_of_names(tmp_path):
         for i in range(500):
             os.close(os.open(root / f"{sub:03d}" / f"{i:05d}.jpg", os.O_CREAT | os.O_WRONLY))
     source = open_input(str(root))
+    held, peak, counts = held_and_streamed_peak(source, 500)
+    assert counts == [500] * 12
+    assert peak < held / 4, (peak, held)
+
+
+def held_and_streamed_peak(source, unit_size: int) -> tuple[int, int, list[int]]:
+    """(bytes the listing's items take when all are kept, peak bytes while the units are only
+    counted, items per unit): a streamed listing's peak is a fraction of what its items take."""
     tracemalloc.start()
-    items = [i for u in source.units(500) for i in u.items]
+    items = [i for u in source.units(unit_size) for i in u.items]
     held = tracemalloc.get_traced_memory()[0]
     del items
     tracemalloc.stop()
     tracemalloc.start()
-    counts = [len(u.items) for u in source.units(500)]
+    counts = [len(u.items) for u in source.units(unit_size)]
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert counts == [500] * 12
-    assert peak < held / 4, (peak, held)
+    return held, peak, counts
