@@ -9,8 +9,8 @@ throughput (answers/s), p50/p99 latency, errors (anything but a 200 with num_ima
 server's RSS before and after, and the mean encoder batch size (from /metrics). The run stops by
 itself; the table is printed and bench/results/serve.json written.
 
-Modes: "on" is micro-batching with --max-batch 16 (encoders compiled at batch shapes 1, 4 and
-16; a batch runs at the smallest that holds it); "off" is --no-batching (each query one encoder
+Modes: "on" is micro-batching with --max-batch 16 (encoders compiled at batch shapes 1, 2, 4, 8
+and 16; a batch runs at the smallest that holds it); "off" is --no-batching (each query one encoder
 call at batch shape 1, in arrival order).
 
     python -m bench.serve                              # the full run (a few minutes)
@@ -47,11 +47,15 @@ def model_config(size: str):
 
     if size == "tiny":
         return tiny_config()
-    # "small": a 4-layer, 256-wide BERT and ViT: encoding, not HTTP, dominates a query's cost
+    # "small": a 4-layer, 256-wide BERT and ViT. "base": BERT-base and ViT-B sized (12 layers, 768
+    # wide), the size of the published Korean CLIP text towers' smallest members (koclip-base's is
+    # RoBERTa-large): there a query's cost is its encoding, as in a real deployment.
+    layers, width = {"small": (4, 256), "base": (12, 768)}[size]
     config = tiny_config(max_text_length=32, text_length_buckets=(16, 32))
     for tower in (config.text_config, config.vision_config):
-        tower.hidden_size, tower.num_hidden_layers, tower.num_attention_heads, tower.intermediate_size = 256, 4, 4, 1024
-    config.projection_dim = 128
+        tower.hidden_size, tower.num_hidden_layers, tower.num_attention_heads, tower.intermediate_size = (
+            width, layers, width // 64, 4 * width)
+    config.projection_dim = 128 if size == "small" else 512
     return config
 
 
@@ -179,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=24, help="queries per client (default: 24)")
     p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["on", "off"])
-    p.add_argument("--model-size", choices=("tiny", "small"), default="small")
+    p.add_argument("--model-size", choices=("tiny", "small", "base"), default="small")
     p.add_argument("--rows", type=int, default=20_000, help="index rows (default: 20000)")
     p.add_argument("--num-images", type=int, default=10)
     p.add_argument("--out", default=str(RESULTS))

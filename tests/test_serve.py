@@ -167,7 +167,7 @@ def test_indices_health_ready_and_metrics(a, sample):
     assert a.get("/healthz").json() == {"status": "ok"}
     ready = a.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["batching"]
-    assert ready.json()["batch_shapes"] == [1, 4]
+    assert ready.json()["batch_shapes"] == [1, 2, 4]
     served = {(i["name"], i["modality"]): i for i in ready.json()["indexes"]}
     assert set(served) == {("emoji", "image"), ("emoji", "text"), ("pictures", "image"), ("swap", "image")}
     assert served[("emoji", "image")]["rows"] == 40 and served[("emoji", "text")]["rows"] == 80
@@ -255,8 +255,8 @@ def test_concurrent_queries_are_batched_and_each_answered_right(a, sample, model
     assert all(r.status_code == 200 and ids(r.json()) == expected[t] for t, r in answers)
     calls = metric(a, "koclip_batch_size_count") - calls_before
     assert calls < len(answers)  # some encoder calls embedded several queries
-    # compiled in the warm-up only: one per (batch shape 1, 4) x (length bucket 8, 16, 32)
-    assert metric(a, "koclip_encoder_compiles", tower="text") == 6
+    # compiled in the warm-up only: one per (batch shape 1, 2, 4) x (length bucket 8, 16, 32)
+    assert metric(a, "koclip_encoder_compiles", tower="text") == 9
 
 
 # ---------------------------------------------------------------- bad requests
