@@ -19,7 +19,9 @@ Decoding, inference and writing are one chain of ParDos, fused by every runner (
 flatten after the units are spread), so each
 unit is written as soon as its last item is embedded, and a killed job loses at most the
 units in flight. Every listed row ends as a row of a shard or a dead letter; the summary counts
-both (rows = items + listing dead letters = embedded + dead letters).
+both (rows = items + listing dead letters = embedded + dead letters). When some units are tars
+without a sidecar, whose ids only their workers saw, the driver checks the written units for an id
+repeated across them once all are done (pipelines.repeats).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from koclip.errors import KoclipError
 from pipelines.inputs import InputOptions, open_input, read_shard_unit
 from pipelines.listing import ListingDigest, Unit, input_root, read_unit_file, unit_file_bytes
 from pipelines.options import EmbedOptions, parse
+from pipelines.repeats import check_repeated_ids
 from pipelines.transforms.decode import NAMESPACE, DecodeItem, UnitRef
 from pipelines.transforms.model_handler import KoclipModelHandler
 from pipelines.transforms.write import DEAD_LETTER_DIR, DONE_DIR, RUN_FILE, WriteUnits, write_listing_dead_letters
@@ -322,6 +325,10 @@ def run(argv: list[str] | None = None) -> EmbedResult:
     finished = [markers[u.index] for u in p.units if markers.get(u.index, {}).get("key") == u.key]
     if len(finished) != len(p.units):
         raise RuntimeError(f"{len(p.units) - len(finished)} units were not written; rerun to finish them")
+    if any(u.size is None for u in p.units):  # tars without a sidecar: their ids are known only now
+        check_repeated_ids(p.output, [u.index for u in p.units])
+        markers = _done_markers(p.output)
+        finished = [markers[u.index] for u in p.units]
     _remove_folders(p.output, UNITS_DIR)
     return EmbedResult(p.output, len(p.units), len(p.units) - len(p.pending), len(p.pending),
                        _totals(finished, p.run_info["listing_dead_letter_reasons"]), this_run,

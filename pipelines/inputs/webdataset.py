@@ -137,8 +137,8 @@ class _TarStream:
                     named = split_name(member.name) if member.isfile() else None
                     if named is None:
                         continue
-                    if named[0] != key and key is not None:
-                        yield key, parts
+                    if key is not None and (named[0] != key or named[1] in parts):
+                        yield key, parts  # a member name repeated in a run of one key starts a sample too
                         parts = {}
                     key = named[0]
                     if self.wanted is not None and key not in self.wanted:
@@ -156,16 +156,22 @@ class _TarStream:
 
 
 def _tar_keys(path: str) -> list[str]:
-    """The sample keys of a tar in member order (its headers only), one entry per run of members;
-    a key that comes back later is listed again (the worker dead-letters it as a duplicate).
+    """The sample keys of a tar in member order (its headers only), one entry per run of members of
+    one key (a member name repeated in the run starts another); a key that comes back is listed
+    again (the worker dead-letters it as a duplicate).
     Raises tarfile.TarError / OSError for what is not a tar; a tar cut short lists what it has."""
     keys: list[str] = []
+    extensions: set[str] = set()  # of the current sample: a repeated one starts the next (as _TarStream)
     with fs.open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         try:
             for member in tar:
                 named = split_name(member.name) if member.isfile() else None
-                if named is not None and (not keys or keys[-1] != named[0]):
+                if named is None:
+                    continue
+                if not keys or keys[-1] != named[0] or named[1] in extensions:
                     keys.append(named[0])
+                    extensions = set()
+                extensions.add(named[1])
         except (tarfile.TarError, EOFError):
             pass  # truncated: the members read so far; reading them says which ones are whole
     return keys
