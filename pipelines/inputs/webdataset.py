@@ -21,7 +21,8 @@ count the samples. What goes wrong is one item's dead letter, and the unit still
 outcome per item: a member too large (`too_large`), a sample without an image member
 (`no_image`), a repeated key inside the tar (`duplicate_id`), a listed key the tar does not hold
 (`not_in_tar`), a tar that ends mid-member (`truncated`: every item not read by then), a file that
-is not a tar at all (`unreadable_tar`: the tar's one dead letter when it has no sidecar).
+is not a tar at all (`unreadable_tar`: the tar's one dead letter when it has no sidecar). A key
+repeated in another tar without a sidecar is caught once every unit is written (pipelines.repeats).
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ class DeadLetter:
     unit: UnitRef
     id: str
     uri: str
-    stage: str  # read | caption | decode | validate | embed
+    stage: str  # read | caption | decode | validate | embed (ids: pipelines.repeats, after writing)
     reason: str
     message: str
     transient: bool = False  # another try may succeed (koclip.faults.is_transient)
