@@ -6,8 +6,12 @@ the real Beam runner."""
 from __future__ import annotations
 
 import io
+import json
 import os
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -98,7 +102,7 @@ def test_a_key_in_several_tars_without_sidecars_is_embedded_once(tars, tiny_ckpt
     assert again.units_embedded == 0 and again.totals == result.totals and _outcome(output) == before
 
 
-@pytest.mark.parametrize("lost", [0, 1])
+@pytest.mark.parametrize("lost", [pytest.param(0, marks=pytest.mark.slow), 1])  # 0: slow, to keep the default run short
 def test_a_rerun_after_a_crash_keeps_the_first_and_drops_the_later(tars, tiny_ckpt_dir, tmp_path, lost):
     """A crash left unit `lost` unwritten (no done marker, shard or dead letters): unit 0 holds the
     first "dup", unit 1 a later one. The rerun redoes that unit; the first stays the first and the
@@ -123,3 +127,46 @@ def test_the_same_key_twice_in_a_row_inside_one_tar_is_two_samples(tmp_path):
         ("cx", None), ("twice", None), ("twice", "duplicate_id"), ("dup", None)]
     assert read[1][2].data == image_bytes(8) and read[1][1].captions == ("twice 8",)
     assert read[2][1].captions == ("twice 9",)
+
+
+def test_a_crash_inside_the_check_is_finished_by_the_rerun(tars, tiny_ckpt_dir, tmp_path):
+    """The state a crash leaves between a unit's two rewrites: its dead letters already name the
+    later "dup", its shard still holds it and its done marker has the old counts. The rerun embeds
+    nothing and finishes the rewrite: one row, one dead letter."""
+    output = str(tmp_path / "out")
+    result = embed.run(_args(tars, output, tiny_ckpt_dir))
+    every = store.open_store(output).read_table()
+    first = every.filter(pc.equal(every.column("uri"), os.path.join(tars, "a.tar") + "#dup.png"))
+    unit1 = fs.join(output, "shard-00001.parquet")
+    with fs.open(unit1) as f:
+        table = pq.read_table(f)
+    row = first.select(table.column_names).set_column(
+        table.column_names.index("uri"), "uri", pa.array([os.path.join(tars, "b.tar") + "#dup.png"]))
+    store.write_shard(unit1, pa.concat_tables([table, row.cast(table.schema)]))
+    marker_path = fs.join(output, "_done", "unit-00001.json")
+    marker = json.loads(fs.read_bytes(marker_path))
+    marker.update(embedded=marker["embedded"] + 1, dead_letters=marker["dead_letters"] - 1,
+                  dead_letter_reasons={"duplicate_id": marker["dead_letters"] - 1})
+    fs.write_bytes(marker_path, json.dumps(marker).encode())
+    assert [r["id"] for r in store.open_store(output).read_table().to_pylist()].count("dup") == 2
+    again = embed.run(_args(tars, output, tiny_ckpt_dir))
+    assert again.units_embedded == 0 and again.totals == result.totals
+    _check(tars, output, again)
+
+
+def test_a_key_in_a_sidecar_tar_and_in_a_tar_without_one(tmp_path, tiny_ckpt_dir):
+    """img2dataset's 00000.tar (its sidecar lists "dup") and a plain 00001.tar holding "dup" too."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    write_tar(str(root / "00000.tar"), [("k0", 0), ("dup", 1)])
+    pq.write_table(pa.Table.from_pylist([{"key": k, "url": f"http://h/{k}.png", "caption": k, "status": "success",
+                                          "error_message": None} for k in ("k0", "dup")]), str(root / "00000.parquet"))
+    write_tar(str(root / "00001.tar"), [("dup", 2), ("z", 3)])
+    output = str(tmp_path / "out")
+    result = embed.run(_args(str(root), output, tiny_ckpt_dir))
+    rows, dead = _outcome(output)
+    assert rows == [("dup", str(root / "00000.tar") + "#dup.png"), ("k0", str(root / "00000.tar") + "#k0.png"),
+                    ("z", str(root / "00001.tar") + "#z.png")]
+    assert [(i, r, u) for i, r, u, _ in dead] == [("dup", "duplicate_id", str(root / "00001.tar") + "#dup.png")]
+    assert str(root / "00000.tar") + "#dup.png" in dead[0][3]
+    assert result.totals["rows"] == 4 == result.totals["embedded"] + result.totals["dead_letters"]
