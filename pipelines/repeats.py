@@ -52,18 +52,19 @@ def _records(path: str) -> list[dict]:
     return [json.loads(line) for line in fs.read_bytes(path).decode().split("\n") if line]
 
 
-def _shard(output: str, index: int) -> pa.Table | None:
+def _shard(output: str, index: int, columns: list[str] | None = None) -> pa.Table | None:
     path = shard_path(output, index)
     if not fs.exists(path):
         return None
     with fs.open(path) as f:
-        return pq.read_table(f)
+        return pq.read_table(f, columns=columns)
 
 
 def _occurrences(output: str, index: int, with_table: bool = False):
-    """(id, uri) of each item of a unit that is not already a repeat, in the unit's files."""
+    """(id, uri) of each item of a unit that is not already a repeat, in the unit's files (only a
+    shard's id and uri columns, unless the whole table is wanted for a rewrite)."""
     found = []
-    table = _shard(output, index)
+    table = _shard(output, index, None if with_table else ["id", "uri"])
     if table is not None:
         found += zip(table.column("id").to_pylist(), table.column("uri").to_pylist())
     records = _records(dead_letter_path(output, index))
