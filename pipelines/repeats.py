@@ -41,15 +41,9 @@ import pyarrow.parquet as pq
 
 from koclip import fs, store
 from koclip.data.manifest import id_hash
-from pipelines.transforms.write import dead_letter_path, done_path, shard_path
+from pipelines.transforms.write import dead_letter_path, done_path, shard_path, unit_dead_letters, write_records
 
 STAGE = "ids"
-
-
-def _records(path: str) -> list[dict]:
-    if not fs.exists(path):
-        return []
-    return [json.loads(line) for line in fs.read_bytes(path).decode().split("\n") if line]
 
 
 def _shard(output: str, index: int, columns: list[str] | None = None) -> pa.Table | None:
@@ -67,7 +61,7 @@ def _occurrences(output: str, index: int, with_table: bool = False):
     table = _shard(output, index, None if with_table else ["id", "uri"])
     if table is not None:
         found += zip(table.column("id").to_pylist(), table.column("uri").to_pylist())
-    records = _records(dead_letter_path(output, index))
+    records = unit_dead_letters(output, index)
     found += [(r["id"], r["uri"]) for r in records if r["reason"] != "duplicate_id" and r["id"] is not None]
     return (found, table, records) if with_table else found
 
@@ -108,8 +102,7 @@ def _rewrite(output: str, index: int, later: dict[str, tuple[str, str]]) -> int:
               "message": f"{uri}: id {item_id!r} repeats {first} (an earlier tar); only the first is embedded",
               "transient": False} for item_id, (uri, first) in later.items() if item_id not in flagged]
     records = kept + added
-    fs.write_bytes(dead_letter_path(output, index),
-                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    write_records(dead_letter_path(output, index), records)
     if table is not None:
         table = table.filter(pc.invert(pc.is_in(table.column("id"), value_set=pa.array(list(later), pa.string()))))
         if table.num_rows:

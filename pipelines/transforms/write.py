@@ -55,14 +55,25 @@ def write_listing_dead_letters(output: str, rejects: list[ListingReject]) -> Non
     """The listing's rejected rows (ListingReject) as one file, replacing the last run's; none: no file."""
     path = listing_dead_letter_path(output)
     if rejects:
-        fs.write_bytes(path, "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in rejects).encode())
+        write_records(path, [r.to_json() for r in rejects])
     else:
         fs.remove(path)
+
+
+def write_records(path: str, records: list[dict]) -> None:
+    """Dead-letter records as JSON lines."""
+    fs.write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
 
 
 def _records(path: str) -> list[dict]:
     # split on "\n" only: a record's text may hold U+2028 or \x1c, which splitlines() splits on
     return [json.loads(line) for line in fs.read_bytes(path).decode().split("\n") if line]
+
+
+def unit_dead_letters(output: str, index: int) -> list[dict]:
+    """The dead-letter records of one written unit (none when it has no file)."""
+    path = dead_letter_path(output, index)
+    return _records(path) if fs.exists(path) else []
 
 
 def read_dead_letters(output: str) -> list[dict]:
@@ -132,8 +143,7 @@ class WriteUnits(beam.DoFn):
         else:
             fs.remove(shard_path(self.output, index))
         if pending.dead:
-            lines = "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in pending.dead)
-            fs.write_bytes(dead_letter_path(self.output, index), lines.encode())
+            write_records(dead_letter_path(self.output, index), [d.to_json() for d in pending.dead])
         else:
             fs.remove(dead_letter_path(self.output, index))
         done = {
