@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _latency(candidate: dict) -> str:
+    ms = candidate.get("latency_ms")  # absent from builds before the latency was measured
+    return f", {ms:.3f} ms a query" if ms is not None else ""
+
+
 def summary(result) -> str:
     from koclip.index import format_bytes
 
@@ -88,7 +93,7 @@ def summary(result) -> str:
         f"(target {m['target_recall']}: {reached})",
         *[f"  {'tried' if i == 0 else '':<10} {c['kind']:<8} {c['factory']:<32} recall@10 {c['recall_at_10']:.4f}"
           f" at {', '.join(f'{k}={v}' for k, v in c['search_params'].items()) or 'exact'}"
-          f" ({c['build_seconds']:.1f} s{', published' if c['kind'] == m['kind'] and c['target_reached'] else ''})"
+          f"{_latency(c)} ({c['build_seconds']:.1f} s{', published' if c['kind'] == m['kind'] else ''})"
           for i, c in enumerate(m.get("candidates", []))],
         f"  memory     {format_bytes(m['index_bytes'])} on disk (estimated {format_bytes(m['estimated_bytes'])}, "
         f"budget {format_bytes(m['max_memory'])})",

@@ -107,6 +107,20 @@ def test_candidates_are_every_kind_that_fits_fastest_first():
     assert choose_index(1_000_000, 512).kind == "hnsw"  # the first candidate
 
 
+def test_an_extension_keeps_a_kind_only_when_its_build_compared_every_other_candidate():
+    from koclip.index.plan import kept_plan
+
+    plans = candidates(1_000_000, 512, "4GB")  # hnsw, ivfpq, ivfsq8, ivfflat, flat
+    old = plans[1]  # the published ivfpq
+    compared = {"candidates": [{"kind": k, "target_reached": True} for k in ("hnsw", "ivfpq", "ivfsq8", "ivfflat")]}
+    assert kept_plan(old, plans, compared) is plans[1]
+    # a build that stopped at the first kind reaching the target (before every candidate was timed)
+    first_only = {"candidates": [{"kind": "hnsw", "target_reached": False}, {"kind": "ivfpq", "target_reached": True}]}
+    assert kept_plan(old, plans, first_only) is None
+    assert kept_plan(old, candidates(1_000_000, 512, "4GB", "hnsw"), compared) is None  # no longer a candidate
+    assert kept_plan(old, candidates(8_000_000, 512, "8GB"), compared) is None  # nlist off by more than 2x
+
+
 # ---------------------------------------------------------------- the recall promise
 # Nearly isotropic clusters (bench.index.hard_vectors at D=32): the 8-bit codes of IVF-SQ8 lose
 # neighbours even when every list is probed (recall@10 ~0.99), while IVF-Flat scanning every list is
@@ -120,28 +134,46 @@ def hard_store(tmp_path_factory):
     return write_store(str(tmp_path_factory.mktemp("hard")), vecs, shards=3), vecs
 
 
-def test_the_first_candidate_reaching_the_target_is_chosen_and_later_ones_are_not_built(hard_store):
+def test_every_candidate_is_tried_and_the_fastest_reaching_the_target_is_chosen(hard_store):
+    from koclip.index.faiss_ops import coarse_centroids
     from koclip.store import open_store
 
     root, vecs = hard_store
     store = open_store(root)
     _, counts = read_rows(store, "image_embedding")
-    plans = [plan_for(kind, 4000, DIM, 2**30) for kind in ("ivfsq8", "ivfflat", "hnsw")]
-    seen = []
+    plans = [plan_for(kind, 4000, DIM, 2**30) for kind in ("ivfsq8", "ivfflat", "hnsw", "flat")]
+    seen, centroids = [], {}
     corpus = Corpus(store, "image_embedding", counts)  # streamed from the store's shards
-    plan, index, trained, tuning, order, attempts = choose_and_build(
-        plans, corpus, query_rows(4000, 400, 0), HARD_TARGET, 0, 2**30, forced=False,
-        on_attempt=lambda attempt, ix: seen.append((attempt.plan.kind, ix.ntotal)))
-    assert [a.plan.kind for a in attempts] == ["ivfsq8", "ivfflat"] and seen == [("ivfsq8", 4000), ("ivfflat", 4000)]
-    sq8, flat_lists = attempts
-    assert not sq8.tuning.reached and sq8.tuning.recall < HARD_TARGET and sq8.tuning.params == {"nprobe": plan.nlist}
-    assert plan.kind == "ivfflat" and tuning.reached and tuning.recall >= HARD_TARGET
-    # ivfflat reused the k-means of ivfsq8 (the same nlist): the same coarse centroids
-    from koclip.index.faiss_ops import coarse_centroids
 
-    assert corpus.vectors is None  # the IVF kinds streamed; nothing loaded the corpus whole
-    assert np.array_equal(coarse_centroids(trained), corpus.centroids[plan.nlist])
+    def on_attempt(attempt, ix):
+        seen.append((attempt.plan.kind, ix.ntotal, corpus.vectors is None))
+        if attempt.plan.kind.startswith("ivf"):
+            centroids[attempt.plan.kind] = coarse_centroids(ix)
+
+    plan, index, trained, tuning, order, attempts = choose_and_build(
+        plans, corpus, query_rows(4000, 400, 0), HARD_TARGET, 0, 2**30, forced=False, on_attempt=on_attempt)
+    # every candidate but exact search, which is only the fallback when none reaches the target
+    assert [a.plan.kind for a in attempts] == ["ivfsq8", "ivfflat", "hnsw"]
+    assert seen == [("ivfsq8", 4000, True), ("ivfflat", 4000, True), ("hnsw", 4000, False)]  # the IVF kinds streamed
+    sq8, flat_lists, hnsw = attempts
+    assert not sq8.tuning.reached and sq8.tuning.recall < HARD_TARGET and sq8.tuning.params == {"nprobe": plans[0].nlist}
+    assert flat_lists.tuning.reached and flat_lists.tuning.recall >= HARD_TARGET
+    reaching = [a for a in attempts if a.tuning.reached]
+    assert all(a.tuning.latency_ms > 0 for a in attempts)
+    assert plan.kind == min(reaching, key=lambda a: a.tuning.latency_ms).plan.kind and tuning.reached
+    assert tuning.latency_ms == min(a.tuning.latency_ms for a in reaching)
     assert sorted(order.tolist()) == list(range(4000)) and index.ntotal == 4000
+    # ivfflat reused the k-means of ivfsq8 (the same nlist): the same coarse centroids
+    assert np.array_equal(centroids["ivfsq8"], centroids["ivfflat"])
+
+
+def test_exact_search_is_built_only_when_no_other_candidate_reaches_the_target(hard_store):
+    root, _ = hard_store
+    plans = [plan_for(kind, 4000, DIM, 2**30) for kind in ("ivfsq8", "flat")]
+    plan, index, _, tuning, _, attempts = choose_and_build(
+        plans, Corpus(vectors=hard_store[1]), query_rows(4000, 400, 0), HARD_TARGET, 0, 2**30, forced=False)
+    assert [a.plan.kind for a in attempts] == ["ivfsq8", "flat"] and not attempts[0].tuning.reached
+    assert plan.kind == "flat" and tuning.reached and tuning.recall == 1.0 and index.ntotal == 4000
 
 
 def test_a_target_no_candidate_keeps_is_refused_naming_the_best_recall(tmp_path, hard_store):
@@ -356,11 +388,13 @@ def test_extend_changes_kind_when_the_budget_says_so(tmp_path, corpus):
     root = str(tmp_path / "idx")
     build_index(write_store(str(tmp_path / "base"), corpus[:3000]), root)
     assert load_index(root).kind == "flat"
-    # 3000 x 32 floats are 375 KB: under a 300 KB budget only ivfpq fits; flat gives its vectors back
+    # 3000 x 32 floats are 375 KB: under a 300 KB budget only ivfpq and ivfsq8 fit; flat gives its vectors back
     result = extend_index(root, add=write_store(str(tmp_path / "add"), corpus[3000:3100], first=3000),
                           max_memory="300KB", queries=300)
-    assert result.meta["kind"] == "ivfpq" and load_index(root).count == 3100
-    with pytest.raises(IndexBuildError, match="pass full_store="):  # ivfpq cannot give them back
+    tried = result.meta["candidates"]
+    assert [c["kind"] for c in tried] == ["ivfpq", "ivfsq8"] and load_index(root).count == 3100
+    assert result.meta["kind"] == min((c for c in tried if c["target_reached"]), key=lambda c: c["latency_ms"])["kind"]
+    with pytest.raises(IndexBuildError, match="pass full_store="):  # an IVF index cannot give them back
         extend_index(root, remove=["item1"], kind="flat", max_memory="4GB")
 
 

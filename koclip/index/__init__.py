@@ -10,11 +10,12 @@
 The modules, in the order they depend on each other:
     plan       which index fits N x D vectors in the memory budget (no files, no training)
     faiss_ops  new/trained indexes, adding rows under explicit ids, removing rows, copying
-    tuning     recall@10 on held-out corpus rows; the cheapest search parameter reaching the target
+    tuning     recall@10 on held-out corpus rows; the cheapest search parameter reaching the target,
+               and its single-query latency
     versions   the files of an index root: versions/<v>/, meta.json, CURRENT (the atomic publish)
     load       load_index and the loaded Index (search, records)
-    build      build_index and extend_index: read a koclip.store, try the candidates in turn, publish
-               the first reaching the target (or refuse)
+    build      build_index and extend_index: read a koclip.store, try the candidates, publish the
+               fastest reaching the target (or refuse)
 pipelines.index_beam builds the same ivfpq index with its per-shard work on Beam workers, from
 the public names below.
 """

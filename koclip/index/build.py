@@ -4,10 +4,16 @@ except the tuning query rows, which are held out while tuning and come last
 (koclip.index.tuning). A caption index has one row per caption, id "item#k".
 
 Which index (koclip.index.plan.candidates): the kinds that fit the memory budget, in order of
-expected search speed, are built and tuned on the held-out rows in turn; the first reaching the
-target is published, the later ones never built. Exact search, last whenever it fits, always
-reaches it; when none does, the build refuses in one line naming the best recall, unless
-allow_below_target publishes that one (meta.json "candidates": what was tried). ivfsq8 and ivfflat
+expected search speed, are each built and tuned on the held-out rows, and of those reaching the
+target the fastest is published: the smallest median time of one query alone on one thread at
+its tuned setting (koclip.index.tuning.latencies_ms). The expected order is only a guess: on
+bench/index.py's 1M current vectors HNSW reaches the target first in that order and IVF-PQ is 3x
+faster. Exact search, last whenever it fits, always reaches the target and is built only when no
+other candidate does; when none fits or reaches it, the build refuses in one line naming the
+best recall, unless allow_below_target publishes that one (meta.json "candidates": what was
+tried, each with its recall and latency). A build therefore costs every candidate's build and
+tuning, and holds at most two candidates' indexes at once (the fastest so far and the one being
+tuned). ivfsq8 and ivfflat
 with the same nlist share one k-means run. The store's vectors are read once when a flat or hnsw
 candidate is tried (they hold every vector anyway) and kept for the next; until then the IVF kinds
 stream: one pass for the training sample and the tuning queries, one to add each shard, finding
@@ -19,8 +25,8 @@ item already in the index replaces its old rows. flat and the IVF kinds are upda
 IVF index keeps its trained quantizer and its search parameters, and meta "recall_version" names
 the version whose build measured its recall (an IVF index cannot give its vectors back for a new
 measurement); hnsw cannot remove vectors, so it is rebuilt from the vectors it stores. The index
-keeps its kind while that kind is still a candidate for the new size and every faster candidate
-was tried by an earlier build and missed the target; otherwise (or when an IVF nlist would be off
+keeps its kind while that kind is still a candidate for the new size and an earlier build tried
+every other candidate (exact search aside) and published this kind; otherwise (or when an IVF nlist would be off
 by 2x) it is rebuilt through the candidates: from flat or hnsw with their stored vectors, from an
 IVF kind only with `full_store=` (a store of every current item; the build then reads it,
 ignoring add/remove). A call that changes nothing publishes nothing (BuildResult.published is False).
@@ -164,7 +170,7 @@ class Attempt:
                 "search_params": self.tuning.params, "recall_at_10": round(self.tuning.recall, 4),
                 "recall_lower_bound": (None if self.tuning.recall_lower_bound is None
                                        else round(self.tuning.recall_lower_bound, 4)),
-                "target_reached": self.tuning.reached, "query_ms": round(self.tuning.query_ms, 3),
+                "target_reached": self.tuning.reached, "latency_ms": round(self.tuning.latency_ms, 3),
                 "build_seconds": round(self.seconds, 2)}
 
 
@@ -232,14 +238,19 @@ def refusal(attempts: list[Attempt], target_recall: float, budget: int, forced: 
 
 def choose_and_build(plans: list[Plan], corpus: Corpus, held_out: np.ndarray, target_recall: float, seed: int,
                      budget: int, *, forced: bool, allow_below_target: bool = False,
-                     trained: faiss.Index | None = None,
+                     trained: faiss.Index | None = None, kept_first: bool = False,
                      on_attempt: Callable[[Attempt, faiss.Index], None] | None = None):
-    """(plan, index, trained, tuning, order, attempts): the first plan whose tuning reaches the
-    target, else (allow_below_target) the best one, else IndexBuildError (module docstring).
-    `on_attempt(attempt, index)` sees every candidate's tuned index (bench/index.py measures them)."""
+    """(plan, index, trained, tuning, order, attempts) of the fastest plan (Tuning.latency_ms) whose
+    tuning reaches the target, every plan but exact search tried; exact search ("flat", last) only
+    when none does; else (allow_below_target) the best recall, else IndexBuildError (module
+    docstring). kept_first: the first plan, the kind an extension keeps, wins at once when it
+    reaches the target. `on_attempt(attempt, index)` sees every candidate's tuned index
+    (bench/index.py measures them)."""
     attempts: list[Attempt] = []
-    best = None
+    fastest = best = None  # (plan, index, trained, tuning, order): the fastest reaching, the best recall
     for plan in plans:
+        if plan.kind == "flat" and fastest is not None:
+            break  # exact search scans every vector: the fallback, not a rival
         log.info("trying %s (%s) on %d rows", plan.kind, plan.factory, plan.n)
         started = time.perf_counter()
         index, trained_index, tuning, order = corpus.build(plan, held_out, target_recall, seed, trained)
@@ -248,12 +259,19 @@ def choose_and_build(plans: list[Plan], corpus: Corpus, held_out: np.ndarray, ta
             on_attempt(attempts[-1], index)
         built = (plan, index, trained_index, tuning, order)
         if tuning.reached:
-            return (*built, attempts)
-        log.info("%s reaches recall@%d %.3f < %.3f: trying the next candidate", plan.kind, RECALL_K, tuning.recall,
-                 target_recall)
-        if best is None or tuning.recall > best[3].recall:
-            best = built
+            log.info("%s reaches recall@%d %.3f at %.3f ms a query", plan.kind, RECALL_K, tuning.recall,
+                     tuning.latency_ms)
+            if fastest is None or tuning.latency_ms < fastest[3].latency_ms:
+                fastest, best = built, None
+            if kept_first and len(attempts) == 1:
+                break
+        else:
+            log.info("%s reaches recall@%d %.3f < %.3f", plan.kind, RECALL_K, tuning.recall, target_recall)
+            if fastest is None and (best is None or tuning.recall > best[3].recall):
+                best = built
         del index, trained_index, built
+    if fastest is not None:
+        return (*fastest, attempts)
     if not allow_below_target:
         raise IndexBuildError(refusal(attempts, target_recall, budget, forced))
     log.warning("publishing %s below the target: %s", best[0].kind, refusal(attempts, target_recall, budget, forced))
@@ -371,10 +389,10 @@ def extend_index(root: str | os.PathLike, add: str | os.PathLike | Store | None 
         index, trained = prev.faiss, None
         if plan is None or plan.kind == "hnsw":  # from the vectors flat and hnsw keep, queries held out again
             vectors = np.concatenate([index.reconstruct_n(0, prev.count)[~removed], new_vectors])
-            tried = plans if plan is None else plans[[p.kind for p in plans].index("hnsw"):]
+            tried = plans if plan is None else [plan, *(p for p in plans if p.kind != "hnsw")]
             plan, index, trained, tuning, order, attempts = choose_and_build(
                 tried, Corpus(vectors=vectors), query_rows(len(rows), queries, seed), target, seed, budget,
-                forced=kind != "auto", allow_below_target=below)
+                forced=kind != "auto", allow_below_target=below, kept_first=plan is not None)
             rows = rows.take(pa.array(order))
             common["candidates"] = [a.record() for a in attempts]
         elif plan.kind == "flat":

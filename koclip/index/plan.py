@@ -20,7 +20,8 @@ A build does not trust one guess (bench/index.py --data hard: on nearly isotropi
 and IVF-PQ stop short of the target at any setting, IVF-Flat reaches it). `candidates` lists every
 kind that fits the budget in order of expected search speed at a given recall,
     hnsw, ivfpq (with re-ranking), ivfsq8, ivfflat, flat (exact: always reaches the target),
-and koclip.index.build tries them in that order, publishing the first that reaches the target.
+and koclip.index.build tries them all (exact search only when no other reaches the target),
+publishing the fastest that reaches it: the order is a guess, its measured speed decides.
 Up to FLAT_MAX_ROWS rows, auto is exact search alone.
 """
 from __future__ import annotations
@@ -176,13 +177,13 @@ def choose_index(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMORY, k
 
 def kept_plan(old: Plan, plans: list[Plan], meta: dict) -> Plan | None:
     """The candidate of the old index's kind, when an extension may keep that kind (koclip.index.build's
-    docstring: still a candidate, every faster candidate missed the target in an earlier build,
-    an IVF nlist within 2x), else None: rebuild through the candidates."""
+    docstring: still a candidate, every other candidate but exact search tried by the build that
+    published it, an IVF nlist within 2x), else None: rebuild through the candidates."""
     kinds = [p.kind for p in plans]
     if old.kind not in kinds:
         return None
-    missed = {c["kind"] for c in meta.get("candidates", []) if not c["target_reached"]}
-    if any(k not in missed for k in kinds[:kinds.index(old.kind)]):
+    tried = {c["kind"] for c in meta.get("candidates", [])}
+    if any(k not in tried for k in kinds if k not in (old.kind, "flat")):
         return None
     new = plans[kinds.index(old.kind)]
     if old.kind in IVF_KINDS and not new.nlist / 2 < old.nlist < new.nlist * 2:

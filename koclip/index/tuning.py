@@ -11,7 +11,9 @@ the queries' recalls) does, so that new queries, not only these, see the target.
 (hnsw) or nprobe (the IVF kinds; for ivfpq with re-ranking, then the smallest k_factor at that
 nprobe, then nprobe again) reaching the target is kept, found by doubling then bisection (recall
 is assumed to grow with the parameter). If the target is not reached, the largest setting tried
-is kept and Tuning.reached is False: koclip.index.build then tries the next candidate.
+is kept and Tuning.reached is False. At the setting kept, Tuning.latency_ms is the median time of
+one query searched alone on one FAISS thread (latencies_ms): what a server answering one query per
+core sees, and what koclip.index.build compares candidates by.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from koclip.index.plan import DEFAULT_TARGET_RECALL, IVF_KINDS, KF_MAX, RECALL_K
 
 log = logging.getLogger("koclip.index")
 CONFIDENCE_Z = 1.645  # one-sided 95%
+LATENCY_QUERIES = 100
 
 
 def recall_per_query(found: np.ndarray, truth: np.ndarray, k: int = RECALL_K) -> np.ndarray:
@@ -68,8 +71,23 @@ class Tuning:
     recall: float
     reached: bool
     queries: int
-    query_ms: float = 0.0  # the final measurement's batched search time per query, all threads
+    latency_ms: float = 0.0  # median single-query search time, one thread (latencies_ms)
     recall_lower_bound: float | None = None  # what `reached` compares with the target
+
+
+def latencies_ms(index: faiss.Index, queries: np.ndarray, threads: int = 1, k: int = RECALL_K) -> np.ndarray:
+    """Each query's search time alone (a batch of one, k results) on `threads` FAISS threads."""
+    threads_before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        times = []
+        for q in np.ascontiguousarray(queries, dtype=np.float32):
+            started = time.perf_counter()
+            index.search(q[None], k)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        faiss.omp_set_num_threads(threads_before)
+    return np.array(times)
 
 
 def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
@@ -110,16 +128,15 @@ def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
             fixed = {"k_factor": kf}
         params = {"nprobe": nprobe, **fixed}
     set_search_params(index, params)
-    started = time.perf_counter()
     found = index.search(queries, RECALL_K)[1]
-    query_ms = (time.perf_counter() - started) * 1000 / max(1, len(queries))
+    latency = float(np.median(latencies_ms(index, queries[:LATENCY_QUERIES]))) if len(queries) else 0.0
     per_query = recall_per_query(found, truth)
     recall, bound = (float(per_query.mean()) if len(per_query) else 1.0), lower_bound(per_query)
     reached = reached and bound >= target_recall
     if not reached:
         log.info("%s index reaches recall@%d %.3f (lower bound %.3f) < target %.3f even at %s", kind, RECALL_K,
                  recall, bound, target_recall, params)
-    return Tuning(params, recall, reached, len(queries), query_ms, bound)
+    return Tuning(params, recall, reached, len(queries), latency, bound)
 
 
 def query_rows(n: int, queries: int, seed: int) -> np.ndarray:
