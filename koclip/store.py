@@ -38,6 +38,11 @@ from koclip.errors import StoreError
 
 SCHEMA_VERSION = "1"
 SHARD_GLOB = "shard-*.parquet"
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard `index` (SHARD_GLOB matches it)."""
+    return f"shard-{index:05d}.parquet"
 EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 EMBEDDING_COLUMNS = ("image_embedding", "caption_embeddings")

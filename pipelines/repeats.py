@@ -114,6 +114,6 @@ def _rewrite(output: str, index: int, later: dict[str, tuple[str, str]]) -> int:
     marker.update(embedded=rows, dead_letters=len(records),
                   dead_letter_reasons=dict(Counter(r["reason"] for r in records)),
                   captions=sum(len(c) for c in table.column("captions").to_pylist()) if rows else 0,
-                  shard=f"shard-{index:05d}.parquet" if rows else None)
+                  shard=store.shard_name(index) if rows else None)
     fs.write_bytes(done_path(output, index), json.dumps(marker).encode())
     return len(added)

@@ -60,13 +60,13 @@ def write_store(out: str, model, paths: list[str], captions: list[list[str]], fi
     """Embed the images and captions with `model` (a koclip.query.QueryModel) into one shard at `out`."""
     from pathlib import Path
 
-    from koclip.store import Row, rows_to_table, write_shard
+    from koclip.store import Row, rows_to_table, shard_name, write_shard
 
     images = model.embed_images([Path(p) for p in paths])
     rows = [Row(f"item{first + i:04d}", path, f"{first + i:064x}", 48, 40, list(texts), images[i],
                 model.embed_texts(texts), "test") for i, (path, texts) in enumerate(zip(paths, captions))]
     table = rows_to_table(rows, model.fingerprint, model.config.to_dict(), model.config.projection_dim)
-    write_shard(os.path.join(out, f"shard-{first:05d}.parquet"), table)
+    write_shard(os.path.join(out, shard_name(first)), table)
     return out
 
 

@@ -36,7 +36,7 @@ RUN_FILE = "_run.json"
 
 
 def shard_path(output: str, index: int) -> str:
-    return fs.join(output, f"shard-{index:05d}.parquet")
+    return fs.join(output, store.shard_name(index))
 
 
 def dead_letter_path(output: str, index: int) -> str:
@@ -155,7 +155,7 @@ class WriteUnits(beam.DoFn):
             "dead_letter_reasons": dict(Counter(d.reason for d in pending.dead)),
             "captions": sum(len(r.captions) for r in pending.rows),
             "blank_captions": pending.blank_captions,
-            "shard": f"shard-{index:05d}.parquet" if pending.rows else None,
+            "shard": store.shard_name(index) if pending.rows else None,
         }
         fs.write_bytes(done_path(self.output, index), json.dumps(done).encode())
         self.units_written.inc()
