@@ -43,7 +43,7 @@ MODES = {"on": ["--max-batch", "16"], "off": ["--no-batching"]}
 
 
 def model_config(size: str):
-    from koclip.config import tiny_config
+    from koclip.config import attention_heads, tiny_config
 
     if size == "tiny":
         return tiny_config()
@@ -54,7 +54,7 @@ def model_config(size: str):
     config = tiny_config(max_text_length=32, text_length_buckets=(16, 32))
     for tower in (config.text_config, config.vision_config):
         tower.hidden_size, tower.num_hidden_layers, tower.num_attention_heads, tower.intermediate_size = (
-            width, layers, width // 64, 4 * width)
+            width, layers, attention_heads(width), 4 * width)
     config.projection_dim = 128 if size == "small" else 512
     return config
 

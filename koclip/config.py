@@ -41,6 +41,11 @@ CLIP_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "num_hidden_layer
                       "layer_norm_eps": 1e-5, "pad_token_id": 1, "eos_token_id": 49407}
 
 
+def attention_heads(width: int) -> int:
+    """BERT's and ViT's convention for a tower of hidden size `width`: 64-wide heads (at least one)."""
+    return max(1, width // 64)
+
+
 def _known_fields(cls, d: dict) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in d.items() if k in names}
