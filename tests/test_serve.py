@@ -67,6 +67,17 @@ class ServerProcess:
                     pass
         raise RuntimeError(f"server not ready in {READY_TIMEOUT}s:\n{self.log_path.read_text()}")
 
+    def __enter__(self) -> "ServerProcess":
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -104,11 +115,8 @@ def server_a(tmp_path_factory, sample, swap_root):
                             "--index", f"swap={swap_root}", "--max-batch", "4", "--max-body", "256KB", "--max-num-images", "30",
                             "--max-result-ids", "100", "--poll-seconds", "0.2"],
                            tmp_path_factory.mktemp("serve-logs") / "a.log")
-    try:
-        server.wait_ready()
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +125,8 @@ def server_b(tmp_path_factory, sample):
     server = ServerProcess(["--model", sample.model, "--index", f"emoji={sample.image_index}", "--no-batching",
                             "--allow-image-url", "--request-timeout", "3", "--max-body", "256KB", "--poll-seconds", "0"],
                            tmp_path_factory.mktemp("serve-logs") / "b.log")
-    try:
-        server.wait_ready()
+    with server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
