@@ -29,6 +29,7 @@ APP = ["streamlit>=1.50"]
 SERVE = ["starlette>=0.47", "uvicorn>=0.35", "prometheus-client>=0.20"]
 DEV = [
     "pytest>=8",
+    "pytest-xdist>=3.6",  # pytest.ini: one worker per core, whole files per worker (module fixtures once)
     # CPU build from the local wheel; an unpinned torch pulls a multi-GB CUDA build.
     "torch==2.13.0",
     "scikit-image>=0.25",

@@ -1,16 +1,28 @@
 """Shared fixtures: small checkpoints, and a GCS API emulator on 127.0.0.1 for gs:// paths."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 # gcsfs otherwise probes for a gRPC endpoint and waits ~60 s per call against an emulator.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+# One XLA compilation cache for the run, shared by every test, pytest-xdist worker and subprocess
+# (they inherit the environment): many tests jit the same tiny models' programs, and compiling
+# them again was much of their time. Set before any test imports jax; removed by the process
+# that made it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache = tempfile.mkdtemp(prefix="koclip-tests-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 
 
 def _free_port() -> int:
