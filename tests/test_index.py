@@ -160,8 +160,10 @@ def test_every_candidate_is_tried_and_the_fastest_reaching_the_target_is_chosen(
     assert flat_lists.tuning.reached and flat_lists.tuning.recall >= HARD_TARGET
     reaching = [a for a in attempts if a.tuning.reached]
     assert all(a.tuning.latency_ms > 0 for a in attempts)
-    assert plan.kind == min(reaching, key=lambda a: a.tuning.latency_ms).plan.kind and tuning.reached
-    assert tuning.latency_ms == min(a.tuning.latency_ms for a in reaching)
+    # the fastest; medians within 5% are a tie, which the smaller index wins
+    assert tuning.reached and tuning.latency_ms <= 1.05 * min(a.tuning.latency_ms for a in reaching)
+    assert all(a.plan.estimated_bytes >= plan.estimated_bytes for a in reaching
+               if a.tuning.latency_ms <= 1.05 * tuning.latency_ms)
     assert sorted(order.tolist()) == list(range(4000)) and index.ntotal == 4000
     # ivfflat reused the k-means of ivfsq8 (the same nlist): the same coarse centroids
     assert np.array_equal(centroids["ivfsq8"], centroids["ivfflat"])
@@ -393,7 +395,9 @@ def test_extend_changes_kind_when_the_budget_says_so(tmp_path, corpus):
                           max_memory="300KB", queries=300)
     tried = result.meta["candidates"]
     assert [c["kind"] for c in tried] == ["ivfpq", "ivfsq8"] and load_index(root).count == 3100
-    assert result.meta["kind"] == min((c for c in tried if c["target_reached"]), key=lambda c: c["latency_ms"])["kind"]
+    chosen = next(c for c in tried if c["kind"] == result.meta["kind"])
+    assert chosen["target_reached"]
+    assert chosen["latency_ms"] <= 1.05 * min(c["latency_ms"] for c in tried if c["target_reached"]) + 0.001
     with pytest.raises(IndexBuildError, match="pass full_store="):  # an IVF index cannot give them back
         extend_index(root, remove=["item1"], kind="flat", max_memory="4GB")
 

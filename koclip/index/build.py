@@ -6,7 +6,8 @@ except the tuning query rows, which are held out while tuning and come last
 Which index (koclip.index.plan.candidates): the kinds that fit the memory budget, in order of
 expected search speed, are each built and tuned on the held-out rows, and of those reaching the
 target the fastest is published: the smallest median time of one query alone on one thread at
-its tuned setting (koclip.index.tuning.latencies_ms). The expected order is only a guess: on
+its tuned setting (koclip.index.tuning.latencies_ms); two within 5% of each other are a tie,
+which the smaller index wins. The expected order is only a guess: on
 bench/index.py's 1M current vectors HNSW reaches the target first in that order and IVF-PQ is 3x
 faster. Exact search, last whenever it fits, always reaches the target and is built only when no
 other candidate does; when none fits or reaches it, the build refuses in one line naming the
@@ -236,12 +237,22 @@ def refusal(attempts: list[Attempt], target_recall: float, budget: int, forced: 
             "--max-memory, lower --target-recall, or pass --allow-below-target to publish the best")
 
 
+LATENCY_TIE = 0.05  # single-query medians this close are a tie on a shared machine
+
+
+def _better(plan: Plan, tuning: Tuning, than_plan: Plan, than: Tuning) -> bool:
+    """Faster by more than LATENCY_TIE, or as fast within it and smaller in memory."""
+    if tuning.latency_ms < than.latency_ms * (1 - LATENCY_TIE):
+        return True
+    return tuning.latency_ms <= than.latency_ms * (1 + LATENCY_TIE) and plan.estimated_bytes < than_plan.estimated_bytes
+
+
 def choose_and_build(plans: list[Plan], corpus: Corpus, held_out: np.ndarray, target_recall: float, seed: int,
                      budget: int, *, forced: bool, allow_below_target: bool = False,
                      trained: faiss.Index | None = None, kept_first: bool = False,
                      on_attempt: Callable[[Attempt, faiss.Index], None] | None = None):
-    """(plan, index, trained, tuning, order, attempts) of the fastest plan (Tuning.latency_ms) whose
-    tuning reaches the target, every plan but exact search tried; exact search ("flat", last) only
+    """(plan, index, trained, tuning, order, attempts) of the fastest plan (Tuning.latency_ms; within
+    LATENCY_TIE of it, the smallest) whose tuning reaches the target, every plan but exact search tried; exact search ("flat", last) only
     when none does; else (allow_below_target) the best recall, else IndexBuildError (module
     docstring). kept_first: the first plan, the kind an extension keeps, wins at once when it
     reaches the target. `on_attempt(attempt, index)` sees every candidate's tuned index
@@ -261,7 +272,7 @@ def choose_and_build(plans: list[Plan], corpus: Corpus, held_out: np.ndarray, ta
         if tuning.reached:
             log.info("%s reaches recall@%d %.3f at %.3f ms a query", plan.kind, RECALL_K, tuning.recall,
                      tuning.latency_ms)
-            if fastest is None or tuning.latency_ms < fastest[3].latency_ms:
+            if fastest is None or _better(plan, tuning, fastest[0], fastest[3]):
                 fastest, best = built, None
             if kept_first and len(attempts) == 1:
                 break
