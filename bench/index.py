@@ -48,7 +48,8 @@ import faiss
 import numpy as np
 
 from bench.common import cpu_snapshot, load_average, machine_info, other_load, print_table, write_json
-from koclip.index.build import Attempt, Corpus, choose_and_build
+from koclip.index.build import Attempt, choose_and_build
+from koclip.index.corpus import Corpus
 from koclip.index.faiss_ops import exact_neighbours
 from koclip.index.plan import DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, RECALL_K, candidates, parse_memory, plan_for
 from koclip.index.tuning import holdout_order, latencies_ms, query_rows, recall_at_k, set_search_params

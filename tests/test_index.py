@@ -22,7 +22,8 @@ from koclip.errors import LockHeld  # noqa: E402
 from koclip.index import (KINDS, IndexBuildError, IndexFolderError,  # noqa: E402
                           build_index, candidates, choose_index, current_version, extend_index, list_versions,
                           load_index, parse_memory, plan_of, publish)
-from koclip.index.build import Corpus, choose_and_build, read_rows  # noqa: E402
+from koclip.index.build import choose_and_build  # noqa: E402
+from koclip.index.corpus import Corpus, read_rows  # noqa: E402
 from koclip.index.plan import plan_for  # noqa: E402
 from koclip.index.tuning import query_rows, set_search_params  # noqa: E402
 from koclip.store import Row, StoreError, rows_to_table, write_shard  # noqa: E402

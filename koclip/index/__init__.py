@@ -13,6 +13,7 @@ The modules, in the order they depend on each other:
     tuning     recall@10 on held-out corpus rows; the cheapest search parameter reaching the target,
                and its single-query latency
     versions   the files of an index root: versions/<v>/, meta.json, CURRENT (the atomic publish)
+    corpus     what a build indexes: a store's rows and vectors shard by shard; Corpus builds a plan
     load       load_index and the loaded Index (search, records)
     build      build_index and extend_index: read a koclip.store, try the candidates, publish the
                fastest reaching the target (or refuse)
@@ -20,8 +21,8 @@ pipelines.index_beam builds the same ivfpq index with its per-shard work on Beam
 the public names below.
 """
 from koclip.errors import IndexBuildError, IndexFolderError
-from koclip.index.build import (Attempt, BuildResult, build_index, extend_index, read_shard, refusal,
-                                write_and_publish)
+from koclip.index.build import Attempt, BuildResult, build_index, extend_index, refusal, write_and_publish
+from koclip.index.corpus import read_shard
 from koclip.index.faiss_ops import add_truth, add_vectors, copy_index, in_memory, ivf_part, train
 from koclip.index.load import Index, load_index, read_index_file, resolve
 from koclip.index.plan import (DEFAULT_MAX_MEMORY, DEFAULT_QUERIES, DEFAULT_TARGET_RECALL, IVF_KINDS, KINDS,
