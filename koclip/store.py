@@ -38,14 +38,19 @@ from koclip.errors import StoreError
 
 SCHEMA_VERSION = "1"
 SHARD_GLOB = "shard-*.parquet"
+EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+EMBEDDING_COLUMNS = ("image_embedding", "caption_embeddings")
 
 
 def shard_name(index: int) -> str:
     """The file name of shard `index` (SHARD_GLOB matches it)."""
     return f"shard-{index:05d}.parquet"
-EMBEDDING_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
-EMBEDDING_COLUMNS = ("image_embedding", "caption_embeddings")
+
+
+def check_column(column: str) -> None:
+    if column not in EMBEDDING_COLUMNS:
+        raise StoreError(f"no embedding column {column!r}; choose one of {', '.join(EMBEDDING_COLUMNS)}")
 
 
 def schema(dim: int, embedding_dtype: str = "float32", metadata: dict | None = None,
@@ -198,8 +203,7 @@ class Store:
                         batch_rows: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
         """(ids, float32 [N, D]) batches, streaming. For caption_embeddings each caption is a row and
         its id is `"{item id}#{caption index}"`."""
-        if column not in EMBEDDING_COLUMNS:
-            raise StoreError(f"no embedding column {column!r}; choose one of {', '.join(EMBEDDING_COLUMNS)}")
+        check_column(column)
         for table in self.iter_tables(["id", column], batch_rows):
             ids = table.column("id").to_pylist()
             values = table.column(column).combine_chunks()

@@ -14,12 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from koclip import fs
-from koclip.errors import StoreError
 from koclip.index.faiss_ops import add_truth, add_vectors, coarse_centroids, copy_index, train
 from koclip.index.plan import IVF_KINDS, RECALL_K, Plan
 from koclip.index.tuning import Tuning, build_and_tune, holdout_order, holdout_truth, train_rows, tune
 from koclip.index.versions import ROWS_SCHEMA
-from koclip.store import Store, vectors_to_numpy
+from koclip.store import Store, check_column, vectors_to_numpy
 
 log = logging.getLogger("koclip.index")
 
@@ -49,14 +48,9 @@ def read_shard(path: str, column: str, vectors: bool = True) -> tuple[pa.Table, 
     return rows, vectors_to_numpy(values, values.type.list_size)
 
 
-def _check_column(column: str) -> None:
-    if column not in ("image_embedding", "caption_embeddings"):
-        raise StoreError(f"no embedding column {column!r}; choose image_embedding or caption_embeddings")
-
-
 def read_rows(store: Store, column: str) -> tuple[pa.Table, list[int]]:
     """Every index row of the store (no vectors), and the row count of each shard in order."""
-    _check_column(column)
+    check_column(column)
     parts = [read_shard(s.path, column, vectors=False)[0] for s in store.shards]
     return pa.concat_tables(parts) if parts else ROWS_SCHEMA.empty_table(), [len(p) for p in parts]
 
