@@ -7,15 +7,14 @@ Which index (koclip.index.plan.candidates): the kinds that fit the memory budget
 expected search speed, are each built and tuned on the held-out rows, and of those reaching the
 target the fastest is published: the smallest median time of one query alone on one thread at
 its tuned setting (koclip.index.tuning.latencies_ms); two within 5% of each other are a tie,
-which the smaller index wins. The expected order is only a guess: on
-bench/index.py's 1M current vectors HNSW reaches the target first in that order and IVF-PQ is 3x
-faster. Exact search, last whenever it fits, always reaches the target and is built only when no
-other candidate does; when none fits or reaches it, the build refuses in one line naming the
-best recall, unless allow_below_target publishes that one (meta.json "candidates": what was
-tried, each with its recall and latency). A build therefore costs every candidate's build and
-tuning, and holds at most two candidates' indexes at once (the fastest so far and the one being
-tuned). ivfsq8 and ivfflat
-with the same nlist share one k-means run. The store's vectors are read once when a flat or hnsw
+which the smaller index wins. The expected order is only a guess: on bench/index.py's 1M
+current vectors HNSW reaches the target first in that order and IVF-PQ is 1.5x faster. Exact
+search, last whenever it fits, always reaches the target and is built only when no other
+candidate does; when none fits or reaches it, the build refuses in one line naming the best
+recall, unless allow_below_target publishes that one (meta.json "candidates": what was tried,
+each with its recall and latency). A build therefore costs every candidate's build and tuning,
+and holds at most two candidates' indexes at once (the fastest so far and the one being tuned).
+ivfsq8 and ivfflat with the same nlist share one k-means run. The store's vectors are read once when a flat or hnsw
 candidate is tried (they hold every vector anyway) and kept for the next; until then the IVF kinds
 stream: one pass for the training sample and the tuning queries, one to add each shard, finding
 the queries' exact neighbours on the way (kept for the next candidate).
@@ -27,8 +26,8 @@ IVF index keeps its trained quantizer and its search parameters, and meta "recal
 the version whose build measured its recall (an IVF index cannot give its vectors back for a new
 measurement); hnsw cannot remove vectors, so it is rebuilt from the vectors it stores. The index
 keeps its kind while that kind is still a candidate for the new size and an earlier build tried
-every other candidate (exact search aside) and published this kind; otherwise (or when an IVF nlist would be off
-by 2x) it is rebuilt through the candidates: from flat or hnsw with their stored vectors, from an
+every other candidate (exact search aside) and published this kind; otherwise (or when an IVF
+nlist would be off by 2x) it is rebuilt through the candidates: from flat or hnsw with their stored vectors, from an
 IVF kind only with `full_store=` (a store of every current item; the build then reads it,
 ignoring add/remove). A call that changes nothing publishes nothing (BuildResult.published is False).
 
@@ -111,14 +110,15 @@ def refusal(attempts: list[Attempt], target_recall: float, budget: int, forced: 
             "--max-memory, lower --target-recall, or pass --allow-below-target to publish the best")
 
 
-LATENCY_TIE = 0.05  # single-query medians this close are a tie on a shared machine
+LATENCY_TIE = 0.05  # a tie: one index measured twice differs by up to 4% (docs/index.md)
 
 
 def _better(plan: Plan, tuning: Tuning, than_plan: Plan, than: Tuning) -> bool:
     """Faster by more than LATENCY_TIE, or as fast within it and smaller in memory."""
     if tuning.latency_ms < than.latency_ms * (1 - LATENCY_TIE):
         return True
-    return tuning.latency_ms <= than.latency_ms * (1 + LATENCY_TIE) and plan.estimated_bytes < than_plan.estimated_bytes
+    return (tuning.latency_ms <= than.latency_ms * (1 + LATENCY_TIE)
+            and plan.estimated_bytes < than_plan.estimated_bytes)
 
 
 def choose_and_build(plans: list[Plan], corpus: Corpus, held_out: np.ndarray, target_recall: float, seed: int,
@@ -126,11 +126,11 @@ def choose_and_build(plans: list[Plan], corpus: Corpus, held_out: np.ndarray, ta
                      trained: faiss.Index | None = None, kept_first: bool = False,
                      on_attempt: Callable[[Attempt, faiss.Index], None] | None = None):
     """(plan, index, trained, tuning, order, attempts) of the fastest plan (Tuning.latency_ms; within
-    LATENCY_TIE of it, the smallest) whose tuning reaches the target, every plan but exact search tried; exact search ("flat", last) only
-    when none does; else (allow_below_target) the best recall, else IndexBuildError (module
-    docstring). kept_first: the first plan, the kind an extension keeps, wins at once when it
-    reaches the target. `on_attempt(attempt, index)` sees every candidate's tuned index
-    (bench/index.py measures them)."""
+    LATENCY_TIE of it, the smallest) whose tuning reaches the target, every plan but exact search
+    tried; exact search ("flat", last) only when none does; else (allow_below_target) the best
+    recall, else IndexBuildError (module docstring). kept_first: the first plan, the kind an
+    extension keeps, wins at once when it reaches the target. `on_attempt(attempt, index)` sees
+    every candidate's tuned index (bench/index.py measures them)."""
     attempts: list[Attempt] = []
     fastest = best = None  # (plan, index, trained, tuning, order): the fastest reaching, the best recall
     for plan in plans:
