@@ -109,7 +109,8 @@ def row(attempt, index: faiss.Index, tried_by: str, fresh, fresh_truth, args) ->
     out = {"kind": plan.kind, "factory": plan.factory, "tried_by": tried_by, "build_s": round(attempt.seconds, 2),
            "index_mb": round(len(faiss.serialize_index(index)) / 2**20, 1),
            "estimated_mb": round(plan.estimated_bytes / 2**20, 1), "recall_tuning": round(tuning.recall, 4),
-           "target_reached": tuning.reached, "latency_tuning_ms": round(tuning.latency_ms, 3), **evaluate(index, tuning.params, fresh, fresh_truth, args)}
+           "target_reached": tuning.reached, "latency_tuning_ms": round(tuning.latency_ms, 3),
+           **evaluate(index, tuning.params, fresh, fresh_truth, args)}
     print(f"[{plan.kind}] {plan.factory} built and tuned in {attempt.seconds:.1f}s ({tried_by}): {out['params']}, "
           f"recall {out['recall_tuning']:.3f} (fresh {out['recall_fresh']:.3f}), p50 {out['p50_ms']} ms", flush=True)
     return out

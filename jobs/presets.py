@@ -125,9 +125,9 @@ def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed:
         text_params["embeddings"]["word_embeddings"]["embedding"] = rng.normal(
             0.0, 0.02, (len(tokenizer), text_config.hidden_size)).astype(np.float32)
     vision_config = VisionConfig(model_type="vit", hidden_size=arch.vit_width, num_hidden_layers=arch.vit_layers,
-                                 num_attention_heads=attention_heads(arch.vit_width), intermediate_size=4 * arch.vit_width,
-                                 image_size=arch.image_size, patch_size=arch.patch_size, hidden_act="gelu",
-                                 layer_norm_eps=1e-12)
+                                 num_attention_heads=attention_heads(arch.vit_width),
+                                 intermediate_size=4 * arch.vit_width, image_size=arch.image_size,
+                                 patch_size=arch.patch_size, hidden_act="gelu", layer_norm_eps=1e-12)
     config = HybridCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=256,
                               logit_scale_mode=logit_scale_mode, max_text_length=32, text_length_buckets=(16, 32))
     params = KoCLIP(config).init(seed)
