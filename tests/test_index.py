@@ -25,7 +25,7 @@ from koclip.index import (KINDS, IndexBuildError, IndexFolderError,  # noqa: E40
 from koclip.index.build import choose_and_build  # noqa: E402
 from koclip.index.corpus import Corpus, read_rows  # noqa: E402
 from koclip.index.plan import plan_for  # noqa: E402
-from koclip.index.tuning import query_rows, set_search_params  # noqa: E402
+from koclip.index.tuning import query_rows, set_search_params, train_rows  # noqa: E402
 from koclip.store import Row, StoreError, rows_to_table, write_shard  # noqa: E402
 
 DIM = 32
@@ -94,6 +94,16 @@ def test_auto_choice_follows_size_and_budget():
         choose_index(10_000_000, 512, "10MB")
     with pytest.raises(IndexBuildError, match="index kind must be one of"):
         choose_index(10, 512, kind="lsh")
+
+
+@pytest.mark.parametrize("n", [4000, 1_000_000])
+def test_an_ivf_index_is_never_trained_on_its_tuning_queries(n):
+    plan = plan_for("ivfflat", n, DIM, 2**30)
+    held_out = query_rows(n, 1000, seed=0)
+    sample = train_rows(plan, 0, held_out)
+    assert not np.isin(sample, held_out).any()
+    assert len(sample) == min(plan.train_rows, n - len(held_out)) == len(np.unique(sample))
+    assert np.array_equal(sample, train_rows(plan, 0, held_out))
 
 
 def test_candidates_are_every_kind_that_fits_fastest_first():

@@ -119,7 +119,7 @@ class Corpus:
             if self.truth is None:
                 self.truth = holdout_truth(vectors, held_out)
             if trained is None and plan.kind in IVF_KINDS:
-                trained = train(plan, vectors[train_rows(plan, seed)], self.centroids.get(plan.nlist))
+                trained = train(plan, vectors[train_rows(plan, seed, held_out)], self.centroids.get(plan.nlist))
             built = build_and_tune(plan, vectors, held_out, target_recall, seed, trained, truth=self.truth)
         else:
             built = self._stream(plan, held_out, target_recall, seed, trained)
@@ -130,7 +130,7 @@ class Corpus:
     def _stream(self, plan: Plan, held_out: np.ndarray, target_recall: float, seed: int,
                 trained: faiss.Index | None):
         """An IVF build in two passes over the store (module docstring)."""
-        picked = held_out if trained is not None else np.concatenate([held_out, train_rows(plan, seed)])
+        picked = held_out if trained is not None else np.concatenate([held_out, train_rows(plan, seed, held_out)])
         sample = gather(self.store, self.column, self.counts, picked)
         q = sample[:len(held_out)]
         if trained is None:

@@ -145,8 +145,13 @@ def query_rows(n: int, queries: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, min(n // 2, queries), replace=False))
 
 
-def train_rows(plan: Plan, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed + 1).choice(plan.n, plan.train_rows, replace=False))
+def train_rows(plan: Plan, seed: int, held_out: np.ndarray) -> np.ndarray:
+    """The seeded sample of rows an IVF index (and its OPQ rotation) is trained on, none of them a
+    held-out query row: centroids fitted to the tuning queries make recall look higher on them than
+    new queries see (one query in six fell in the 156,000-row sample of a 1M-row IVF4000 build before)."""
+    rest = np.setdiff1d(np.arange(plan.n), held_out)
+    count = min(plan.train_rows, len(rest))
+    return np.sort(np.random.default_rng(seed + 1).choice(rest, count, replace=False))
 
 
 def holdout_order(n: int, held_out: np.ndarray) -> np.ndarray:
@@ -180,7 +185,7 @@ def build_and_tune(plan: Plan, vectors: np.ndarray, held_out: np.ndarray,
     rest = len(vectors) - len(held_out)
     queries = np.ascontiguousarray(vectors[held_out], dtype=np.float32)
     if plan.kind in IVF_KINDS:
-        trained = trained if trained is not None else train(plan, vectors[train_rows(plan, seed)])
+        trained = trained if trained is not None else train(plan, vectors[train_rows(plan, seed, held_out)])
         index = copy_index(trained)
     else:
         index = new_index(plan)
