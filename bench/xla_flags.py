@@ -8,9 +8,12 @@ row: on a shared machine that evens out the drift between the first and the last
 process measures transformers' PyTorch model too, at the same moment, so `ours/torch` compares
 like with like even when the machine is busy.
 
-The candidate sets are the CPU backend's matmul paths of jaxlib 0.10 (`XLA_FLAGS=--helpfull`):
-its default (Eigen contractions for dots, XNNPACK for some), oneDNN thunks for matmul fusions,
-oneDNN / XNNPACK / YNNPACK fusions of dots, XNNPACK subgraph fusion, and fast math.
+The candidate sets are the CPU backend's matmul paths of jaxlib 0.10 (the `xla_cpu_*` flags its
+shared library names): its default, oneDNN thunks and custom calls for matmul fusions, oneDNN /
+XNNPACK / YNNPACK fusions of dots, XNNPACK subgraph fusion, fast math, and YNNPACK turned off.
+In jaxlib 0.10.2's default a bf16 x bf16 -> f32 dot is a YNNPACK fusion (`__ynn_fusion` in
+`XLA_FLAGS=--xla_dump_to=D --xla_dump_hlo_as_text`): on the AMX Xeon of 2026-12-04 it ran a
+2048^2 matmul at ~1650 GFLOP/s, torch's oneDNN at ~2600, and with YNNPACK off (Eigen) ~300.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ FLAG_SETS = {
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
     "xnn_graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "fast_math": "--xla_cpu_enable_fast_math=true",
+    "onednn_call": "--xla_cpu_experimental_onednn_custom_call=true --xla_cpu_use_onednn=true",
+    "ynn_off": "--xla_cpu_experimental_ynn_fusion_type=",  # dots back to Eigen: shows what YNNPACK brings
 }
 DEFAULT_OUT = "bench/results/xla_flags.json"
 
