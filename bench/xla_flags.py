@@ -12,8 +12,9 @@ The candidate sets are the CPU backend's matmul paths of jaxlib 0.10 (the `xla_c
 shared library names): its default, oneDNN thunks and custom calls for matmul fusions, oneDNN /
 XNNPACK / YNNPACK fusions of dots, XNNPACK subgraph fusion, fast math, and YNNPACK turned off.
 In jaxlib 0.10.2's default a bf16 x bf16 -> f32 dot is a YNNPACK fusion (`__ynn_fusion` in
-`XLA_FLAGS=--xla_dump_to=D --xla_dump_hlo_as_text`): on the AMX Xeon of 2026-12-04 it ran a
-2048^2 matmul at ~1650 GFLOP/s, torch's oneDNN at ~2600, and with YNNPACK off (Eigen) ~300.
+`XLA_FLAGS=--xla_dump_to=D --xla_dump_hlo_as_text`). On the idle 2-core AMX Xeon of 2026-12-04
+(bench/results/xla_flags-xeon-amx.json) a 2048^2 bf16 matmul ran at 1233 GFLOP/s in it, 304 with
+YNNPACK off, 2104 in torch (oneDNN); the oneDNN flags leave the dot to YNNPACK (1292).
 """
 from __future__ import annotations
 
