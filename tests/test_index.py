@@ -25,7 +25,7 @@ from koclip.index import (KINDS, IndexBuildError, IndexFolderError,  # noqa: E40
 from koclip.index.build import choose_and_build  # noqa: E402
 from koclip.index.corpus import Corpus, read_rows  # noqa: E402
 from koclip.index.plan import plan_for  # noqa: E402
-from koclip.index.tuning import query_rows, set_search_params, train_rows  # noqa: E402
+from koclip.index.tuning import lower_bound, query_rows, set_search_params, train_rows  # noqa: E402
 from koclip.store import Row, StoreError, rows_to_table, write_shard  # noqa: E402
 
 DIM = 32
@@ -104,6 +104,18 @@ def test_an_ivf_index_is_never_trained_on_its_tuning_queries(n):
     assert not np.isin(sample, held_out).any()
     assert len(sample) == min(plan.train_rows, n - len(held_out)) == len(np.unique(sample))
     assert np.array_equal(sample, train_rows(plan, 0, held_out))
+
+
+def test_the_recall_bound_holds_for_the_mean_of_a_fresh_set_of_as_many_queries():
+    rng = np.random.default_rng(0)
+    trials, n = 2000, 1000
+    hit_rate = rng.beta(9.5, 0.5, (trials, 2, n))  # per-query chance of finding each true neighbour
+    recalls = rng.binomial(10, hit_rate) / 10  # recall@10 of tuning queries [:, 0] and fresh ones [:, 1]
+    fresh_mean = recalls[:, 1].mean(axis=1)
+    bound = np.array([lower_bound(r) for r in recalls[:, 0]])
+    confidence_only = recalls[:, 0].mean(axis=1) - 1.645 * recalls[:, 0].std(axis=1, ddof=1) / np.sqrt(n)
+    assert (fresh_mean < bound).mean() <= 0.065  # 5% expected
+    assert (fresh_mean < confidence_only).mean() >= 0.10  # the true mean's bound alone: ~13%
 
 
 def test_candidates_are_every_kind_that_fits_fastest_first():
