@@ -253,7 +253,7 @@ def test_each_kind_reaches_the_target_recall(tmp_path, store, corpus, kind):
     result = build_index(store, str(tmp_path / "idx"), kind=kind, queries=400)
     meta = result.meta
     assert meta["kind"] == kind and meta["target_reached"] and meta["recall_at_10"] >= 0.95
-    # reached means the 95% lower confidence bound over the 400 tuning queries reaches the target
+    # reached means the 95% lower prediction bound from the 400 tuning queries reaches the target
     assert meta["recall_at_10"] >= meta["recall_lower_bound"] >= 0.95
     index = load_index(str(tmp_path / "idx"))
     # the tuning queries are corpus rows held out while tuning, then added as the last rows
