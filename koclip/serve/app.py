@@ -46,7 +46,7 @@ log = logging.getLogger("koclip.serve")
 class Settings:
     batching: bool = True
     max_batch: int = 16  # the largest of the encoders' fixed batch shapes (batch_shapes)
-    batch_wait: float = 0.002  # seconds a batch waits for more queries
+    batch_wait: float = 0.0  # seconds a batch waits for more queries (0: what queued while the last ran)
     request_timeout: float = 30.0
     poll_seconds: float = 5.0  # how often CURRENT is read for a new version; 0: never
     allow_image_url: bool = False

@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
                    help="most queries per encoder call; the encoders are compiled at batch shapes 1, 2, 4, 8, ... up to "
                         "N, and a batch runs at the smallest that holds it (default: 16)")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, metavar="MS",
-                   help="how long a batch waits for more queries (default: 2)")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, metavar="MS",
+                   help="how long a batch waits for more queries (default: 0: a batch is what queued while the last "
+                        "one ran)")
     p.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
                    help="a request not answered in S seconds gets 503 timeout (default: 30)")
     p.add_argument("--poll-seconds", type=float, default=5.0, metavar="S",
