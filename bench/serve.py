@@ -12,8 +12,8 @@ itself; the table is printed and bench/results/serve.json written.
 Modes: "on" is micro-batching with --max-batch 16 (encoders compiled at batch shapes 1, 2, 4, 8
 and 16; a batch runs at the smallest that holds it; by default no wait: a batch is what queued
 while the last one ran); "wait2" the same with a 2 ms wait for more (the default before
-2026-12-04); "off" is --no-batching (each query one encoder
-call at batch shape 1, in arrival order).
+2026-12-04); "off" is --no-batching (each query one encoder call at batch shape 1, in arrival
+order).
 
     python -m bench.serve                              # the full run (a few minutes)
     python -m bench.serve --clients 1 4 --requests 10  # a smoke run
@@ -41,7 +41,8 @@ from bench.common import cpu_snapshot, machine_info, other_load, print_table, wr
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
 TEXTS = [f"{c} {t}" for c in ("빨간", "파란", "노란", "초록", "하얀", "검은", "작은", "큰")
          for t in ("사과", "고양이", "자동차", "꽃", "강아지", "바다", "하늘", "의자")]
-MODES = {"on": ["--max-batch", "16"], "wait2": ["--max-batch", "16", "--batch-wait-ms", "2"], "off": ["--no-batching"]}
+MODES = {"on": ["--max-batch", "16"], "wait2": ["--max-batch", "16", "--batch-wait-ms", "2"],
+         "off": ["--no-batching"]}
 
 
 def model_config(size: str):

@@ -205,7 +205,8 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
         index_starts = np.concatenate([[0], np.cumsum(kept)[:-1]]).astype(int)
         elements = [(i, shard.path, int(s), c, int(r))
                     for i, (shard, s, c, r) in enumerate(zip(store.shards, starts, counts, index_starts))]
-        picked = held_out if trained is not None else np.union1d(held_out, train_rows(plan, seed, held_out))
+        sampled = train_rows(plan, seed, held_out) if trained is None else np.empty(0, np.int64)
+        picked = np.union1d(held_out, sampled)
         _save_npz(fs.join(work, "picked.npz"), rows=picked)
         run(elements, SampleShard(column, work), list(pipeline_args), "Sample")
         samples = [_load_npz(fs.join(work, f"sample-{i:05d}.npz")) for i, *_ in elements
@@ -215,7 +216,7 @@ def build_distributed(embeddings: str | Store, out: str, *, column: str = "image
         lookup = dict(zip(rows.tolist(), range(len(rows))))
         q = np.ascontiguousarray(vectors[[lookup[r] for r in held_out.tolist()]])
         if trained is None:
-            trained = train(plan, vectors[[lookup[r] for r in train_rows(plan, seed, held_out).tolist()]])
+            trained = train(plan, vectors[[lookup[r] for r in sampled.tolist()]])
         fs.write_bytes(fs.join(folder, "trained.faiss"), faiss.serialize_index(trained).tobytes())
         _save_npz(fs.join(work, "queries.npz"), vectors=q, rows=held_out)
         run(elements, AddShard(column, work, fs.join(folder, "trained.faiss")), list(pipeline_args), "Add")

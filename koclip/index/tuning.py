@@ -152,16 +152,20 @@ def train_rows(plan: Plan, seed: int, held_out: np.ndarray) -> np.ndarray:
     """The seeded sample of rows an IVF index (and its OPQ rotation) is trained on, none of them a
     held-out query row: centroids fitted to the tuning queries make recall look higher on them than
     new queries see (one query in six fell in the 156,000-row sample of a 1M-row IVF4000 build before)."""
-    rest = np.setdiff1d(np.arange(plan.n), held_out)
+    rest = rows_not_held_out(plan.n, held_out)
     count = min(plan.train_rows, len(rest))
     return np.sort(np.random.default_rng(seed + 1).choice(rest, count, replace=False))
 
 
-def holdout_order(n: int, held_out: np.ndarray) -> np.ndarray:
-    """Store rows in index order: every row but the held-out query rows, then those."""
+def rows_not_held_out(n: int, held_out: np.ndarray) -> np.ndarray:
     rest = np.ones(n, bool)
     rest[held_out] = False
-    return np.concatenate([np.flatnonzero(rest), np.asarray(held_out, dtype=np.int64)])
+    return np.flatnonzero(rest)
+
+
+def holdout_order(n: int, held_out: np.ndarray) -> np.ndarray:
+    """Store rows in index order: every row but the held-out query rows, then those."""
+    return np.concatenate([rows_not_held_out(n, held_out), np.asarray(held_out, dtype=np.int64)])
 
 
 def holdout_truth(vectors: np.ndarray, held_out: np.ndarray, chunk: int = 65536) -> np.ndarray:
