@@ -3,8 +3,9 @@ each scored on the validation split (label-query MRR@10, the figure issue 15 ask
 split) and by the query report's top-5 over every image, with its wall time.
 
 A variant is a JSON object: the keys of jobs.presets.DemoArchitecture (image_size, patch_size,
-vit_layers, vit_width, text_layers), "steps" as [phase 1, phase 2] (phase 1 trains the new parts,
-phase 2 everything, as the demo preset) and any TrainConfig field (batch_size, label_probability,
+vit_layers, vit_width, text_layers, word_embedding_std), "steps" and "learning_rates" as
+[phase 1, phase 2] (phase 1 trains the new parts, phase 2 everything, as the demo preset) and any
+TrainConfig field (batch_size, label_probability,
 agc_clip, ...). The demo preset itself is `{}`. Choose recipes on validation; report test with
 jobs.evaluate on the one chosen.
 
@@ -44,10 +45,11 @@ def recipe(variant: dict, out: str, smoke: bool):
     steps = variant.pop("steps", [p.steps for p in cfg.phases])
     if smoke:
         steps = [2, 2]
-    if len(steps) != len(cfg.phases):
-        raise SystemExit(f"steps: one count per phase ({len(cfg.phases)}), got {steps}")
-    phases = tuple(dataclasses.replace(p, steps=n, warmup_steps=min(p.warmup_steps, n // 4))
-                   for p, n in zip(cfg.phases, steps))
+    rates = variant.pop("learning_rates", [p.learning_rate for p in cfg.phases])
+    if len(steps) != len(cfg.phases) or len(rates) != len(cfg.phases):
+        raise SystemExit(f"steps, learning_rates: one per phase ({len(cfg.phases)}), got {steps}, {rates}")
+    phases = tuple(dataclasses.replace(p, steps=n, learning_rate=lr, warmup_steps=min(p.warmup_steps, n // 4))
+                   for p, n, lr in zip(cfg.phases, steps, rates))
     cfg = dataclasses.replace(cfg, out=out, phases=phases, eval_every=10**9, **variant)
     return cfg, demo_model(seed=cfg.seed, arch=arch)
 
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
         print(json.dumps(row, ensure_ascii=False), flush=True)
     info = machine_info()
     print(f"\ndemo recipes on emoji-ko ({info['cpu_model']}, {info['cores_available']} cores)")
-    print_table(["variant", "steps", "train s", "val label MRR@10", "val MRR@10", "query top-5", "train loss", "val loss"],
+    print_table(["variant", "steps", "train s", "val label MRR@10", "val MRR@10", "query top-5", "train loss",
+                 "val loss"],
                 [[json.dumps(r["variant"]), "+".join(map(str, r["steps"])), f"{r['train_seconds']:.0f}",
                   f"{r['val_label_mrr@10']:.4f}", f"{r['val_t2i_mrr@10']:.4f}", f"{r['query_top5']:.0%}",
                   f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}"] for r in rows])

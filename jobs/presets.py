@@ -90,11 +90,14 @@ class DemoArchitecture:
     """The demo model's shape: the ViT trained from scratch, and how many of MiniLM's 6 layers are
     kept (fewer than 6 gives near-identical text embeddings at the start and a loss stuck at
     ln(batch) through phase 1: measured with 4 on 2026-12-03)."""
-    image_size: int = 64
+    image_size: int = 32
     patch_size: int = 8
     vit_layers: int = 4
     vit_width: int = 192
     text_layers: int = 6
+    word_embedding_std: float = 0.02  # the new Korean word embeddings' initial scale
+    text_dropout: float = 0.0  # MiniLM had 0.1; a 10-minute run underfits, so none
+    text_width: int = 0  # 0: MiniLM's pretrained layers; N: a BERT of width N from scratch
 
 
 def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed: int = 0,
@@ -109,9 +112,16 @@ def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed:
     from koclip.modeling import KoCLIP
 
     text_config, text_params = import_text_encoder(minilm_dir())
-    text_config = dataclasses.replace(text_config, num_hidden_layers=arch.text_layers)
+    text_config = dataclasses.replace(text_config, num_hidden_layers=arch.text_layers,
+                                      hidden_dropout_prob=arch.text_dropout,
+                                      attention_probs_dropout_prob=arch.text_dropout)
     layers = text_params["encoder"]["layer"]
     text_params["encoder"]["layer"] = {k: v for k, v in layers.items() if int(k) < arch.text_layers}
+    if arch.text_width:
+        text_config = dataclasses.replace(text_config, hidden_size=arch.text_width,
+                                          num_attention_heads=attention_heads(arch.text_width),
+                                          intermediate_size=4 * arch.text_width)
+        text_params = None
     tokenizer_dir = minilm_dir()
     if korean_vocab:
         from koclip.processing import load_tokenizer
@@ -122,8 +132,9 @@ def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed:
         tokenizer = load_tokenizer(tokenizer_dir)
         text_config = dataclasses.replace(text_config, vocab_size=len(tokenizer))
         rng = np.random.default_rng(seed)
-        text_params["embeddings"]["word_embeddings"]["embedding"] = rng.normal(
-            0.0, 0.02, (len(tokenizer), text_config.hidden_size)).astype(np.float32)
+        if text_params is not None:
+            text_params["embeddings"]["word_embeddings"]["embedding"] = rng.normal(
+                0.0, arch.word_embedding_std, (len(tokenizer), text_config.hidden_size)).astype(np.float32)
     vision_config = VisionConfig(model_type="vit", hidden_size=arch.vit_width, num_hidden_layers=arch.vit_layers,
                                  num_attention_heads=attention_heads(arch.vit_width),
                                  intermediate_size=4 * arch.vit_width, image_size=arch.image_size,
@@ -131,7 +142,8 @@ def demo_model(korean_vocab: bool = True, logit_scale_mode: str = "fixed", seed:
     config = HybridCLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=256,
                               logit_scale_mode=logit_scale_mode, max_text_length=32, text_length_buckets=(16, 32))
     params = KoCLIP(config).init(seed)
-    params = {**params, "text_model": text_params}
+    if text_params is not None:
+        params = {**params, "text_model": text_params}
     return Checkpoint(config, params, tokenizer_dir=tokenizer_dir)
 
 
@@ -142,16 +154,17 @@ def _emoji_manifest() -> str:
 
 
 def demo_config(out: str = "demo") -> TrainConfig:
-    """The demo recipe: 150 steps on the new parts (ViT, Korean word embeddings, projections) at
-    lr 1e-3, then 280 on everything at 3e-4; batch 64 at 64 px. Each step an item draws one of its
+    """The demo recipe: 210 steps on the new parts (ViT, Korean word embeddings, projections) at
+    lr 1e-3, then 390 on everything at 3e-4; batch 64 at 32 px, no text dropout (chosen on
+    validation at equal wall time: bench/results/demo_recipe.json). Each step an item draws one of its
     captions uniformly (emoji-ko: name, CLDR label, keywords; about 7 per emoji), and batch rows
     with the same caption are positives of each other (jobs.train.contrastive_loss)."""
     return TrainConfig(
         manifest="", out=_cache(out),
-        phases=(Phase(steps=150, trainable=DEMO_NEW_PARTS, learning_rate=1e-3, warmup_steps=20),
-                Phase(steps=280, trainable=EVERYTHING, learning_rate=3e-4, warmup_steps=30)),
+        phases=(Phase(steps=210, trainable=DEMO_NEW_PARTS, learning_rate=1e-3, warmup_steps=20),
+                Phase(steps=390, trainable=EVERYTHING, learning_rate=3e-4, warmup_steps=30)),
         optimizer="adabelief", batch_size=64, cache_images=True, checkpoint_every=100,
-        eval_every=150,  # after phase 1, mid phase 2, at the end: emoji-ko's ~7 captions per image make each eval longer
+        eval_every=200,  # 3 validations: emoji-ko's ~7 captions per image make each one long
     )
 
 
