@@ -3,11 +3,18 @@
 For each mode (micro-batching on, batching off) a server subprocess is started on 127.0.0.1 over
 a random-init model (`--model-size`) and a flat index of random vectors carrying its
 fingerprint; once /readyz says ready, each client count in --clients runs: every client sends
---requests POST /knn-service queries one after another (keep-alive, one aiohttp session; all
-clients in one asyncio loop) and the level ends when all are answered. Reported per level:
-throughput (answers/s), p50/p99 latency, errors (anything but a 200 with num_images hits), the
-server's RSS before and after, and the mean encoder batch size (from /metrics). The run stops by
-itself; the table is printed and bench/results/serve.json written.
+its queries (--requests, or more so that a level has --min-level-requests) as POST /knn-service
+one after another on its own keep-alive HTTP/1.1 connection (all clients in one asyncio loop), and
+the level ends when all are answered. Every answer is checked: an error is anything but a 200
+whose body is a JSON list of num_images hits. Reported per level: throughput (answers/s), p50/p99
+latency, errors, the server's RSS before and after, the mean encoder batch size (from /metrics),
+and the CPU each side spent per request (the server process from /proc, the load generator's
+own). The run stops by itself; the table is printed and bench/results/serve.json written.
+
+The clients and the server share the machine's cores, so the load generator is made cheap:
+`--client raw` (the default) speaks HTTP/1.1 over asyncio streams (HttpConnection), about 0.1 ms
+of CPU per request here; `--client aiohttp` (the client of the runs before 2026-12-08) spent
+about 0.4 ms that the server then lacked.
 
 Modes: "on" is micro-batching with --max-batch 16 (encoders compiled at batch shapes 1, 2, 4, 8
 and 16; a batch runs at the smallest that holds it; by default no wait: a batch is what queued
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import socket
 import statistics
@@ -29,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python bench/serve.py`
@@ -95,6 +105,17 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds() -> float:
+    own = os.times()
+    return own.user + own.system
+
+
 def batch_stats(text: str) -> tuple[float, float]:
     """(sum, count) of koclip_batch_size from /metrics text."""
     values = {}
@@ -105,7 +126,108 @@ def batch_stats(text: str) -> tuple[float, float]:
     return values.get("koclip_batch_size_sum", 0.0), values.get("koclip_batch_size_count", 0.0)
 
 
-async def run_level(url: str, clients: int, requests: int, num_images: int) -> dict:
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection over asyncio streams: the load generator's client.
+
+    A POST is its request line, Host, Content-Type, Content-Length and the JSON body; the answer
+    is read by its status line, headers and Content-Length (or chunked) body, and the body is
+    parsed as JSON. It does what an HTTP client library does for these requests at a fraction of
+    the CPU: the clients share the 2 cores with the server, and aiohttp spent about 0.4 ms of CPU
+    per request that the server then lacked (docs/serve.md)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s"
+                          % (path.encode(), self.host.encode(), self.port, len(body), body))
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        version, status = lines[0].split(" ", 2)[:2]
+        if not version.startswith("HTTP/1."):
+            raise ValueError(f"not an HTTP/1.x answer: {lines[0]!r}")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        if "content-length" in headers:
+            data = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            data = b""
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                data += (await self.reader.readexactly(size + 2))[:-2]
+            await self.reader.readuntil(b"\r\n")
+        else:
+            raise ValueError("an answer without Content-Length or chunked body")
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return int(status), data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+            self.reader = self.writer = None
+
+
+def check_answer(status: int, data: bytes, num_images: int) -> str | None:
+    """None for a right answer (200, a JSON list of num_images hits, each with an id and a
+    similarity), else what was wrong."""
+    if status != 200:
+        return f"{status}: {data[:100]!r}"
+    try:
+        hits = json.loads(data)
+    except ValueError:
+        return f"200 but not JSON: {data[:100]!r}"
+    if not isinstance(hits, list) or len(hits) != num_images or not all("id" in h and "similarity" in h for h in hits):
+        return f"200 but not {num_images} hits: {data[:100]!r}"
+    return None
+
+
+async def run_level(url: str, clients: int, requests: int, num_images: int, client: str = "raw") -> dict:
+    """Every one of `clients` concurrent clients sends `requests` queries one after another on its
+    own keep-alive connection; client "raw" is HttpConnection, "aiohttp" one aiohttp session."""
+    if client == "aiohttp":
+        return await run_level_aiohttp(url, clients, requests, num_images)
+    parsed = urllib.parse.urlsplit(url)
+    latencies: list[float] = []
+    errors: list[str] = []
+
+    async def one_client(c: int):
+        connection = HttpConnection(parsed.hostname, parsed.port)
+        try:
+            for r in range(requests):
+                body = json.dumps({"text": TEXTS[(c * requests + r) % len(TEXTS)], "indice_name": "bench",
+                                   "num_images": num_images}).encode()
+                started = time.perf_counter()
+                try:
+                    error = check_answer(*await connection.post_json("/knn-service", body), num_images)
+                except (OSError, ValueError, asyncio.IncompleteReadError) as e:
+                    error = repr(e)
+                    await connection.close()
+                if error is not None:
+                    errors.append(error)
+                latencies.append(time.perf_counter() - started)
+        finally:
+            await connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client(c) for c in range(clients)))
+    elapsed = time.perf_counter() - started
+    return level_row(clients, requests, elapsed, latencies, errors)
+
+
+def level_row(clients: int, requests: int, elapsed: float, latencies: list[float], errors: list[str]) -> dict:
+    latencies = sorted(latencies)
+    return {"clients": clients, "requests": clients * requests, "seconds": elapsed,
+            "throughput": clients * requests / elapsed, "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "errors": len(errors), "error_examples": errors[:3]}
+
+
+async def run_level_aiohttp(url: str, clients: int, requests: int, num_images: int) -> dict:
     import aiohttp
 
     latencies: list[float] = []
@@ -128,11 +250,7 @@ async def run_level(url: str, clients: int, requests: int, num_images: int) -> d
         started = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(clients)))
         elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"clients": clients, "requests": clients * requests, "seconds": elapsed,
-            "throughput": clients * requests / elapsed, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "errors": len(errors), "error_examples": errors[:3]}
+    return level_row(clients, requests, elapsed, latencies, errors)
 
 
 def run_mode(mode: str, model_dir: str, index: str, args) -> list[dict]:
@@ -160,20 +278,28 @@ def run_mode(mode: str, model_dir: str, index: str, args) -> list[dict]:
                 proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 pass
-        asyncio.run(run_level(url, 2, 5, args.num_images))  # warm the connections and caches, not measured
+        asyncio.run(run_level(url, 2, 5, args.num_images, args.client))  # warm the connections and caches, not measured
         rows = []
         for clients in args.clients:
+            requests = max(args.requests, -(-args.min_level_requests // clients))
             rss_before = rss_bytes(proc.pid)
             sum_before, count_before = batch_stats(httpx.get(url + "/metrics").text)
-            snapshot = cpu_snapshot()
-            row = asyncio.run(run_level(url, clients, args.requests, args.num_images))
+            snapshot, server_before, client_before = cpu_snapshot(), cpu_seconds(proc.pid), process_cpu_seconds()
+            row = asyncio.run(run_level(url, clients, requests, args.num_images, args.client))
+            server_cpu, client_cpu = cpu_seconds(proc.pid) - server_before, process_cpu_seconds() - client_before
+            # the server is a child process: "other" load is the server plus anything else running
             row["other_load_cores"] = round(other_load(snapshot, cpu_snapshot()), 2)
+            row["rest_load_cores"] = round(max(0.0, row["other_load_cores"] - server_cpu / row["seconds"]), 2)
             sum_after, count_after = batch_stats(httpx.get(url + "/metrics").text)
             row.update(mode=mode, rss_before_mb=rss_before / 2**20, rss_after_mb=rss_bytes(proc.pid) / 2**20,
-                       mean_batch=(sum_after - sum_before) / max(1.0, count_after - count_before))
+                       mean_batch=(sum_after - sum_before) / max(1.0, count_after - count_before),
+                       server_cpu_ms_per_request=1000 * server_cpu / row["requests"],
+                       client_cpu_ms_per_request=1000 * client_cpu / row["requests"])
             rows.append(row)
             print(f"  {mode} {clients:>3} clients: {row['throughput']:.1f}/s p50 {row['p50_ms']:.1f} ms "
-                  f"p99 {row['p99_ms']:.1f} ms errors {row['errors']} batch {row['mean_batch']:.1f}", flush=True)
+                  f"p99 {row['p99_ms']:.1f} ms errors {row['errors']} batch {row['mean_batch']:.1f} "
+                  f"CPU ms/request server {row['server_cpu_ms_per_request']:.2f} "
+                  f"client {row['client_cpu_ms_per_request']:.2f} rest load {row['rest_load_cores']}", flush=True)
         return rows
     finally:
         proc.terminate()
@@ -181,10 +307,30 @@ def run_mode(mode: str, model_dir: str, index: str, args) -> list[dict]:
         os.unlink(log.name)
 
 
+def server_versions() -> dict:
+    """The versions the service ran with; uvicorn parses HTTP with httptools when it is installed,
+    else with h11 (pure Python, slower)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("uvicorn", "starlette", "httptools", "uvloop", "faiss-cpu", "jax"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=24, help="queries per client (default: 24)")
+    p.add_argument("--min-level-requests", type=int, default=384,
+                   help="at least this many queries per level: fewer clients send more each (default: 384, "
+                        "16 clients x 24)")
+    p.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
+                   help="the load generator's HTTP client: raw (HttpConnection, asyncio streams) or aiohttp "
+                        "(default: raw)")
     p.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["on", "off"])
     p.add_argument("--model-size", choices=("tiny", "small", "base"), default="small")
     p.add_argument("--rows", type=int, default=20_000, help="index rows (default: 20000)")
@@ -197,13 +343,15 @@ def main(argv=None) -> int:
         rows = [row for mode in args.modes for row in run_mode(mode, model_dir, index, args)]
 
     print(f"\nkoclip.serve, {args.model_size} model, flat index of {args.rows} rows, text queries, "
-          f"{args.requests} per client ({machine_info()['cpu_model']}, {machine_info()['cores_available']} cores, "
-          "shared with other jobs: see other_load)")
+          f"{args.requests} per client, at least {args.min_level_requests} per level ({machine_info()['cpu_model']}, "
+          f"{machine_info()['cores_available']} cores, "
+          "shared: rest load is the cores busy with neither the server nor the clients)")
     print_table(["mode", "clients", "answers/s", "p50 ms", "p99 ms", "errors", "mean batch", "RSS MB before→after",
-                 "other load"],
+                 "CPU ms/req server", "client", "rest load"],
                 [[r["mode"], r["clients"], f"{r['throughput']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
                   r["errors"], f"{r['mean_batch']:.1f}", f"{r['rss_before_mb']:.0f}→{r['rss_after_mb']:.0f}",
-                  r["other_load_cores"]] for r in rows])
+                  f"{r['server_cpu_ms_per_request']:.2f}", f"{r['client_cpu_ms_per_request']:.2f}",
+                  r["rest_load_cores"]] for r in rows])
     summary = {}
     by = {(r["mode"], r["clients"]): r for r in rows}
     for mode in args.modes:
@@ -219,7 +367,8 @@ def main(argv=None) -> int:
         if mode_rows:
             summary[f"{mode}_rss_growth_mb"] = round(mode_rows[-1]["rss_after_mb"] - mode_rows[0]["rss_before_mb"], 1)
     print("\n" + "  ".join(f"{k} {v}" for k, v in summary.items()))
-    write_json(args.out, {"machine": machine_info(), "args": vars(args), "summary": summary, "levels": rows})
+    write_json(args.out, {"machine": machine_info(**server_versions()), "args": vars(args), "summary": summary,
+                          "levels": rows})
     print(f"wrote {args.out}")
     return 0
 

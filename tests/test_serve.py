@@ -255,11 +255,14 @@ def test_concurrent_queries_are_batched_and_each_answered_right(a, sample, model
     expected = {t: [h.id for h in hits] for t, hits in
                 zip(texts, query.search(texts, k=5, index=sample.image_index, model=model))}
     calls_before = metric(a, "koclip_batch_size_count")
+    searches_before = metric(a, "koclip_search_batch_size_count")
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(lambda t: (t, knn(a, text=t, num_images=5)), texts * 2))
     assert all(r.status_code == 200 and ids(r.json()) == expected[t] for t, r in answers)
     calls = metric(a, "koclip_batch_size_count") - calls_before
     assert calls < len(answers)  # some encoder calls embedded several queries
+    searches = metric(a, "koclip_search_batch_size_count") - searches_before
+    assert searches < len(answers)  # and some FAISS calls searched several
     # compiled in the warm-up only: one per (batch shape 1, 2, 4) x (length bucket 8, 16, 32)
     assert metric(a, "koclip_encoder_compiles", tower="text") == 9
 
@@ -409,6 +412,27 @@ def test_batching_off_answers_as_batching_on(a, b, sample, model):
         assert ids(on) == ids(off) == expected
         np.testing.assert_allclose([h["similarity"] for h in on], [h["similarity"] for h in off], atol=1e-5)
     assert metric(b, "koclip_batch_size_bucket", le="1.0") == metric(b, "koclip_batch_size_count") > 0
+    assert metric(b, "koclip_search_batch_size_count") == 0  # batching off: each query searched alone
+
+
+def test_a_batched_search_answers_each_query_as_it_would_alone(sample, model):
+    from koclip import index as koclip_index
+    from koclip.serve.app import BLAS_FROM, matrix_product_search
+    from koclip.serve.service import Served, Service
+
+    served = Served("s", "image", sample.image_index, koclip_index.load_index(sample.image_index))
+    vectors = model.embed_texts([f"{c} {t}" for c in ("빨간", "파란") for t in ("사과", "고양이", "꽃")])
+    sizes = [3, 5, 1, 8, 4, 2]  # num_images differs within a batch
+    assert len(vectors) >= BLAS_FROM  # the batch is searched as one matrix product
+    for num_result_ids, dedup, min_similarity in ((8, None, None), (12, 0.5, None), (20, None, 0.0)):
+        alone = [Service.knn(served, v, n, num_result_ids, dedup, min_similarity) for v, n in zip(vectors, sizes)]
+        with matrix_product_search(len(vectors)):
+            together = Service.knn_batch(served, vectors, sizes, num_result_ids, dedup, min_similarity)
+        assert [ids(x) for x in together] == [ids(x) for x in alone]
+        assert [len(x) for x in together] == [min(n, len(x)) for n, x in zip(sizes, alone)]
+        for x, y in zip(together, alone):
+            assert [h["url"] for h in x] == [h["url"] for h in y]
+            np.testing.assert_allclose([h["similarity"] for h in x], [h["similarity"] for h in y], atol=1e-5)
 
 
 # ---------------------------------------------------------------- ClipClient

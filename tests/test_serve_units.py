@@ -152,3 +152,24 @@ def test_a_lone_query_waits_at_most_max_wait_and_direct_never_batches():
 
     _, sizes = run_batcher(recorder, submit_all, direct=True)
     assert sizes == [1] * 5 and recorder.batches == [[i] for i in range(5)]
+
+
+def test_batch_shapes_fill_the_gap_above_8():
+    from koclip.serve.app import batch_shapes
+
+    assert batch_shapes(4) == [1, 2, 4]
+    assert batch_shapes(16) == [1, 2, 4, 8, 12, 16]  # a batch of 9 runs at 12, not 16
+    assert batch_shapes(10) == [1, 2, 4, 8, 10]
+    assert batch_shapes(64) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+
+
+def test_entries_of_other_keys_are_grouped_by_key_in_arrival_order():
+    recorder = Recorder()
+    keys = [("index-a", 10), ("index-b", 10), ("index-a", 10), ("index-a", 20), ("index-b", 10)]
+
+    async def submit_all(batcher):
+        return await asyncio.gather(*(batcher.submit(key, i) for i, key in enumerate(keys)))
+
+    vectors, sizes = run_batcher(recorder, submit_all, max_batch=8)
+    assert recorder.batches == [[0, 2], [1, 4], [3]] and sizes == [2, 2, 1]
+    assert [int(v[1]) for v in vectors] == list(range(5))

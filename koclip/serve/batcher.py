@@ -7,6 +7,13 @@ model's one thread. While a batch runs, the next one gathers, so under load batc
 waiting. The encoders pad every batch to their fixed batch size (koclip.encoders), so a batch of
 one costs as much as a full one: that is what batching wins back.
 
+The same batcher batches the index searches (app.py): a query's vector goes on a second queue,
+keyed by what it searches (the index version, the number of candidates, the filters), and a batch
+of one key is one FAISS search of all its vectors on the index thread. A flat search reads the
+whole index from memory once per call, whatever the number of queries, so 8 queries cost about
+what 1 does (docs/serve.md). `kind` is any hashable key: the entries of a batch are grouped by it
+(texts before images, other keys in arrival order) and each group is one call.
+
 With batching off (`Direct`), each query is one encoder call on the same thread, in arrival order.
 """
 from __future__ import annotations
@@ -21,6 +28,16 @@ import numpy as np
 log = logging.getLogger("koclip.serve")
 
 EmbedBatch = Callable[[str, list], np.ndarray]  # (kind "text" | "image", items) -> float32 [N, D]
+KIND_ORDER = {"text": 0, "image": 1}  # a batch's texts are embedded before its images
+
+
+def groups(batch: list[tuple]) -> list[tuple[object, list[tuple]]]:
+    """The entries (kind, item, future) of a batch grouped by kind: texts, images, then other kinds
+    in the order they first came."""
+    by_kind: dict = {}
+    for entry in batch:
+        by_kind.setdefault(entry[0], []).append(entry)
+    return sorted(by_kind.items(), key=lambda kv: KIND_ORDER.get(kv[0], 2) if isinstance(kv[0], str) else 2)
 
 
 class Direct:
@@ -91,14 +108,11 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [entry for entry in await self._gather() if not entry[2].done()]  # timed-out ones are skipped
-            for kind in ("text", "image"):
-                entries = [entry for entry in batch if entry[0] == kind]
-                if not entries:
-                    continue
+            for kind, entries in groups(batch):
                 try:
                     vectors = await loop.run_in_executor(self.executor, self.embed, kind, [e[1] for e in entries])
                 except Exception as e:  # the batch's requests get the error; the batcher goes on
-                    log.exception("embedding a batch of %d %ss failed", len(entries), kind)
+                    log.exception("a batch of %d (%s) failed", len(entries), kind)
                     for _, _, future in entries:
                         if not future.done():
                             future.set_exception(e)

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batching", action="store_true",
                    help="embed each query alone, at batch shape 1 (default: micro-batching)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
-                   help="most queries per encoder call; the encoders are compiled at batch shapes 1, 2, 4, 8, ... up to "
-                        "N, and a batch runs at the smallest that holds it (default: 16)")
+                   help="most queries per encoder call (and per index search); the encoders are compiled at batch "
+                        "shapes 1, 2, 4, 8, 12, 16, 24, ... up to N, and a batch runs at the smallest that holds it "
+                        "(default: 16)")
     p.add_argument("--batch-wait-ms", type=float, default=0.0, metavar="MS",
                    help="how long a batch waits for more queries (default: 0: a batch is what queued while the last "
                         "one ran)")

@@ -24,6 +24,8 @@ class Metrics:
                               ["kind"], registry=r)
         self.batch_size = Histogram("koclip_batch_size", "Queries embedded per encoder call", buckets=BATCH_BUCKETS,
                                     registry=r)
+        self.search_batch_size = Histogram("koclip_search_batch_size", "Queries searched per FAISS call (batching on)",
+                                           buckets=BATCH_BUCKETS, registry=r)
         self.index_info = Gauge("koclip_index_info", "1 for each served index version", ["index", "modality", "version"],
                                 registry=r)
         self.index_rows = Gauge("koclip_index_rows", "Rows of the served index version", ["index", "modality"], registry=r)

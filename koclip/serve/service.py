@@ -168,10 +168,18 @@ class Service:
             min_similarity: float | None) -> list[dict]:
         """clip_back's answer: search num_result_ids candidates (with min_similarity: every hit
         above it, at most num_result_ids), deduplicate them, return the first num_images."""
-        [(scores, rows)] = search_rows(served.index, vector[None].astype(np.float32), num_result_ids, min_similarity,
-                                       dedup)
-        scores, rows = scores[:num_images], rows[:num_images]
-        return [hit_json(record, float(score)) for record, score in zip(served.index.records(rows), scores)]
+        return Service.knn_batch(served, vector[None], [num_images], num_result_ids, dedup, min_similarity)[0]
+
+    @staticmethod
+    def knn_batch(served: Served, vectors: np.ndarray, num_images: list[int], num_result_ids: int,
+                  dedup: float | None, min_similarity: float | None) -> list[list[dict]]:
+        """knn() of several queries [N, D] that search the same index version with the same
+        candidates and filters (num_images may differ): one FAISS search and one metadata
+        lookup for all, each answer as knn() gives it alone."""
+        found = search_rows(served.index, np.asarray(vectors, dtype=np.float32), num_result_ids, min_similarity, dedup)
+        found = [(scores[:n], rows[:n]) for (scores, rows), n in zip(found, num_images)]
+        records = iter(served.index.records(np.concatenate([rows for _, rows in found])))
+        return [[hit_json(next(records), float(score)) for score in scores] for scores, _ in found]
 
     @staticmethod
     def metadata(entries: list[Served], ids: list) -> list[dict]:
