@@ -11,6 +11,7 @@ jobs.evaluate on the one chosen.
 
     python -m bench.demo_recipe '{}' '{"patch_size": 16, "steps": [150, 150]}'
     python -m bench.demo_recipe --smoke '{"patch_size": 16}'    # 2 + 2 steps: does it run
+    python -m bench.demo_recipe --append '{"captions_per_image": 0, "text_rows": 256, "batch_size": 32}'
 
 Each run trains into a temporary folder (or --keep DIR/NAME) and writes bench/results/demo_recipe.json.
 Training is CPU-bound: run it on an otherwise idle machine, one variant at a time.
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="2 + 2 steps of each variant")
     p.add_argument("--keep", help="train into KEEP/<n> instead of a temporary folder")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--append", action="store_true", help="keep the runs already in --out (each with its machine)")
     args = p.parse_args(argv)
     variants = [json.loads(v) for v in args.variants]
 
@@ -98,7 +100,13 @@ def main(argv=None) -> int:
                 [[json.dumps(r["variant"]), "+".join(map(str, r["steps"])), f"{r['train_seconds']:.0f}",
                   f"{r['val_label_mrr@10']:.4f}", f"{r['val_t2i_mrr@10']:.4f}", f"{r['query_top5']:.0%}",
                   f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}"] for r in rows])
-    write_json(args.out, {"machine": info, "smoke": args.smoke, "runs": rows})
+    runs = [{**r, "machine": info, "smoke": args.smoke} for r in rows]
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        runs = [r if "machine" in r else {**r, "machine": old.get("machine"), "smoke": old.get("smoke")}
+                for r in old.get("runs", [])] + runs
+    write_json(args.out, {"machine": info, "smoke": args.smoke, "runs": runs})
     print(f"wrote {args.out}")
     return 0
 

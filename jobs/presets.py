@@ -48,6 +48,8 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     label_probability: float = 0.0  # 0: captions drawn uniformly; p: the first caption with probability p
+    captions_per_image: int = 1  # 1: one drawn caption per image a step; K: up to K (0: all), multi-positive loss
+    text_rows: int = 0  # text rows a multi-caption step packs its captions into (0: batch_size * K)
     cache_images: bool = False
     train_split: str = "train"
     eval_split: str = "val"

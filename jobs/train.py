@@ -93,6 +93,60 @@ def contrastive_loss(logits_per_text, same=None):
     return (ce(logits_per_text, targets).mean() + ce(logits_per_text.T, targets).mean()) / 2
 
 
+def multi_positive_loss(logits_per_text, positives, valid):
+    """Symmetric InfoNCE with several captions per image (logits_per_text [T, B], positives [T, B]
+    bool, valid [T] bool: padding rows are false). A caption's target mass is spread over the
+    images that have its text; an image's over its captions, softmax over every valid text row of
+    the batch. With one caption per image and `positives` = `same_caption` this is contrastive_loss."""
+    positives = positives & valid[:, None]
+    weights = positives.astype(logits_per_text.dtype)
+    ce = optax.softmax_cross_entropy
+    text_targets = weights / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+    per_text = ce(logits_per_text, text_targets)
+    text_loss = jnp.where(valid, per_text, 0.0).sum() / jnp.maximum(valid.sum(), 1)
+    image_logits = jnp.where(valid[None, :], logits_per_text.T, -1e9)
+    image_targets = weights.T / jnp.maximum(weights.T.sum(axis=1, keepdims=True), 1.0)
+    return (text_loss + ce(image_logits, image_targets).mean()) / 2
+
+
+def multi_caption_logits(model: KoCLIP, params, ids_short, mask_short, ids_long, mask_long, pixels,
+                         deterministic: bool = True, rng=None):
+    """logits_per_text [R1 + R2, B] of a multi-caption batch (jobs.train_data.PairBatches.multi_batch)."""
+    from koclip.modeling.hybrid import HybridCLIP, l2_normalize
+
+    keys = jax.random.split(rng, 3) if rng is not None else [None] * 3
+
+    def apply(method, *args, key):
+        rngs = {"dropout": key} if key is not None else {}
+        return model.module.apply({"params": params}, *args, deterministic, method=method, rngs=rngs)
+
+    text = jnp.concatenate([apply(HybridCLIP.text_features, ids_short, mask_short, key=keys[0]),
+                            apply(HybridCLIP.text_features, ids_long, mask_long, key=keys[1])])
+    image = apply(HybridCLIP.image_features, pixels, key=keys[2])
+    scale = model.module.apply({"params": params}, method=HybridCLIP.scale)
+    return scale * l2_normalize(text) @ l2_normalize(image).T
+
+
+def make_multi_train_step(model: KoCLIP, optimizer, names: list[str]):
+    """make_train_step for multi-caption batches (TrainConfig.captions_per_image != 1)."""
+
+    def loss_fn(trainable, frozen, ids_short, mask_short, ids_long, mask_long, pixels, positives, valid, rng):
+        params = unflatten_dict({**frozen, **trainable}, sep="/")
+        logits = multi_caption_logits(model, params, ids_short, mask_short, ids_long, mask_long, pixels,
+                                      deterministic=False, rng=rng)
+        return multi_positive_loss(logits, positives, valid)
+
+    def step(flat, opt_state, ids_short, mask_short, ids_long, mask_long, pixels, positives, valid, rng):
+        trainable = {k: flat[k] for k in names}
+        frozen = {k: v for k, v in flat.items() if k not in trainable}
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids_short, mask_short, ids_long, mask_long,
+                                                  pixels, positives, valid, rng)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return {**flat, **optax.apply_updates(trainable, updates)}, opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 def make_train_step(model: KoCLIP, optimizer, names: list[str]):
     """A jitted step over the flat param dict; only `names` get gradients and optimizer state."""
 
@@ -238,7 +292,8 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
     if cfg.batch_size % mesh.size:
         raise UsageError(f"batch_size {cfg.batch_size} is not a multiple of the {mesh.size} devices")
     batches = PairBatches(train_records, config, tokenizer, cfg.batch_size, cfg.seed, cfg.augment,
-                          cache_images=cfg.cache_images, label_probability=cfg.label_probability)
+                          cache_images=cfg.cache_images, label_probability=cfg.label_probability,
+                          captions_per_image=cfg.captions_per_image, text_rows=cfg.text_rows)
     eval_every = cfg.eval_every or batches.steps_per_epoch
     validate = Validation(eval_records, model, config, tokenizer, cfg, cfg.out) if eval_records else None
     metrics = MetricsLog(fs.join(cfg.out, METRICS_NAME), keep_until=start_step if resume else None)
@@ -259,17 +314,17 @@ def train(cfg: TrainConfig, source: checkpoint.Checkpoint | None, resume: bool =
             phase = cfg.phases[index]
             names = trainable_names(flat, phase, fixed_scale)
             optimizer = make_optimizer(cfg, phase)
-            step_fn = make_train_step(model, optimizer, names)
+            step_fn = (make_multi_train_step if batches.multi else make_train_step)(model, optimizer, names)
             opt_state = optimizer.init({k: flat[k] for k in names})
             if opt_state_dict is not None and step == start_step and step != phase_start:
                 opt_state = serialization.from_state_dict(opt_state, opt_state_dict)
             opt_state = replicate(opt_state, mesh)
             current_phase = index
             log.info("phase %d from step %d: training %d tensors matching %r", index, step, len(names), phase.trainable)
-        ids, mask, pixels = pending.result()
+        arrays = pending.result()
         pending = batches.prefetch(step + 1) if step + 1 < end else None
         rng = jax.random.fold_in(key, step)
-        flat, opt_state, loss = step_fn(flat, opt_state, *(shard_rows(x, mesh) for x in (ids, mask, pixels)), rng)
+        flat, opt_state, loss = step_fn(flat, opt_state, *(shard_rows(x, mesh) for x in arrays), rng)
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == end:

@@ -8,6 +8,14 @@ Caption sampling: with `label_probability` 0 an item's captions are drawn unifor
 its first caption (emoji-ko: the emoji's name) is drawn with probability p and the others
 (CLDR label and keywords) uniformly otherwise. An item with one caption always gives it.
 
+Several captions per image in one step (`captions_per_image` K != 1, `multi_batch`): each item
+gives up to K of its captions (0: all), its first caption (the label) always among them, and every
+caption is a text row of the step, so one image forward serves all its captions. The rows are
+packed into a fixed number of text rows (`text_rows`; the extra non-label captions of an
+overfull batch are dropped at random, an underfull one is padded with masked rows), sorted by
+token length and cut into a short chunk and a long chunk (1/8 of the rows), each padded to its own
+length bucket: emoji-ko's captions are mostly 3-8 tokens, so most rows cost 8 positions, not 16.
+
 An image that cannot be read or decoded is skipped, counted and logged once; its slot is filled
 by the next item of the epoch's order, so the batch keeps its shape and jit does not recompile.
 """
@@ -23,7 +31,10 @@ from PIL import Image
 from koclip.augment import AugmentConfig, augment
 from koclip.config import HybridCLIPConfig
 from koclip.errors import ManifestError, UsageError
-from koclip.processing import ImageDecodeError, open_image, preprocess_image, tokenize
+from koclip.processing import ImageDecodeError, bucket_length, open_image, preprocess_image, tokenize
+
+# Length buckets of the short chunk of multi-caption rows (the long chunk uses the model's).
+SHORT_BUCKETS = (8,)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +42,8 @@ log = logging.getLogger(__name__)
 class PairBatches:
     def __init__(self, records, config: HybridCLIPConfig, tokenizer, batch_size: int, seed: int,
                  augment_images: bool = True, augment_config: AugmentConfig = AugmentConfig(),
-                 cache_images: bool = False, workers: int = 4, label_probability: float = 0.0):
+                 cache_images: bool = False, workers: int = 4, label_probability: float = 0.0,
+                 captions_per_image: int = 1, text_rows: int = 0):
         if not 0.0 <= label_probability <= 1.0:
             raise UsageError(f"label_probability must be in [0, 1], got {label_probability}")
         if len(records) < batch_size:
@@ -45,6 +57,12 @@ class PairBatches:
         self.augment_images = augment_images
         self.augment_config = augment_config
         self.label_probability = label_probability
+        if captions_per_image < 0:
+            raise UsageError(f"captions_per_image must be >= 0 (0: all), got {captions_per_image}")
+        self.captions_per_image = captions_per_image
+        self.text_rows = text_rows or batch_size * max(captions_per_image, 1)
+        if captions_per_image != 1 and (self.text_rows < batch_size or self.text_rows % 8):
+            raise UsageError(f"text_rows must be a multiple of 8 and at least batch_size, got {self.text_rows}")
         self.steps_per_epoch = len(records) // batch_size
         self.failed: dict[int, str] = {}  # record index -> reason
         self._cache: dict[int, Image.Image] | None = {} if cache_images else None
@@ -87,14 +105,23 @@ class PairBatches:
             return captions[0]
         return captions[1 + int(rng.integers(len(captions) - 1))]
 
-    def _slot(self, step: int, slot: int, order: np.ndarray, start: int):
+    def item_captions(self, captions: tuple[str, ...], rng: np.random.Generator) -> list[str]:
+        """The captions one item gives to a multi-caption step: all, or the first and K-1 others."""
+        k = self.captions_per_image
+        if k == 0 or len(captions) <= k:
+            return list(captions)
+        others = rng.choice(np.arange(1, len(captions)), size=k - 1, replace=False)
+        return [captions[0]] + [captions[int(i)] for i in sorted(others)]
+
+    def _slot(self, step: int, slot: int, order: np.ndarray, start: int, multi: bool = False):
         """The item for one batch slot: the first decodable record at or after its position."""
         for offset in range(len(order)):
             index = int(order[(start + offset) % len(order)])
             image = self._image(index)
             if image is not None:
                 rng = np.random.default_rng([self.seed, step, slot])
-                caption = self.caption(self.records[index].captions, rng)
+                captions = self.records[index].captions
+                caption = self.item_captions(captions, rng) if multi else self.caption(captions, rng)
                 return self._pixels(image, rng), caption
         raise ManifestError("no training image could be decoded (see the warnings above)")
 
@@ -109,6 +136,55 @@ class PairBatches:
                              self.config.max_text_length)
         return ids, mask, pixels
 
+    @property
+    def multi(self) -> bool:
+        return self.captions_per_image != 1
+
+    def multi_batch(self, step: int):
+        """(ids_short [R1, L1], mask_short, ids_long [R2, L2], mask_long, pixels [B, S, S, 3],
+        positives [R1 + R2, B] bool, valid [R1 + R2] bool) for a global step: text row r (short
+        rows first) is a positive of image b when b gave that caption text, so a keyword that two
+        images of the batch share is a right answer for both."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        starts = [position * self.batch_size + slot for slot in range(self.batch_size)]
+        items = list(self._pool.map(lambda a: self._slot(step, a[0], order, a[1], multi=True), enumerate(starts)))
+        pixels = np.stack([p for p, _ in items])
+        rows = [(text, owner, i == 0) for owner, (_, texts) in enumerate(items) for i, text in enumerate(texts)]
+        capacity = self.text_rows
+        if len(rows) > capacity:  # drop non-label rows at random
+            extra = [r for r, row in enumerate(rows) if not row[2]]
+            rng = np.random.default_rng([self.seed, step, self.batch_size])  # apart from every slot's
+            drop = set(rng.choice(extra, size=len(rows) - capacity, replace=False).tolist())
+            rows = [row for r, row in enumerate(rows) if r not in drop]
+        limit = self.config.max_text_length
+        encoded = self.tokenizer([t for t, _, _ in rows], truncation=True, max_length=limit, padding=False)["input_ids"]
+        blank = self.tokenizer([""], truncation=True, max_length=limit, padding=False)["input_ids"][0]
+        entries = [(ids, text, owner) for ids, (text, owner, _) in zip(encoded, rows)]
+        entries += [(blank, None, -1)] * (capacity - len(entries))
+        entries.sort(key=lambda e: len(e[0]))  # stable: the same order for the same batch
+        long_rows = capacity // 8
+        chunks = []
+        for part, buckets in ((entries[:capacity - long_rows], SHORT_BUCKETS + tuple(self.config.text_length_buckets)),
+                              (entries[capacity - long_rows:], tuple(self.config.text_length_buckets))):
+            length = bucket_length(max(len(e[0]) for e in part), buckets)
+            ids = np.full((len(part), length), self.tokenizer.pad_token_id, np.int32)
+            mask = np.zeros((len(part), length), np.int32)
+            for r, (row_ids, _, _) in enumerate(part):
+                ids[r, :len(row_ids)] = row_ids
+                mask[r, :len(row_ids)] = 1
+            chunks += [ids, mask]
+        owners: dict[str, set[int]] = {}
+        for _, text, owner in entries:
+            if text is not None:
+                owners.setdefault(text, set()).add(owner)
+        positives = np.zeros((capacity, self.batch_size), bool)
+        for r, (_, text, _) in enumerate(entries):
+            if text is not None:
+                positives[r, sorted(owners[text])] = True
+        valid = np.asarray([text is not None for _, text, _ in entries])
+        return (*chunks, pixels, positives, valid)
+
     def prefetch(self, step: int):
         """Start building a batch in the background; `.result()` returns it."""
-        return self._prefetcher.submit(self.batch, step)
+        return self._prefetcher.submit(self.multi_batch if self.multi else self.batch, step)
