@@ -27,6 +27,10 @@ GCS = ["gcsfs>=2025.1", "apache-beam[gcp]>=2.77", "build>=1.2"] + PIPELINE
 APP = ["streamlit>=1.50"]
 # The query service (koclip.serve): Starlette on uvicorn, metrics through prometheus-client.
 SERVE = ["starlette>=0.47", "uvicorn>=0.35", "prometheus-client>=0.20"]
+# oneDNN's matmul for the encoders' dense layers (koclip.modeling.onednn, built on first use with g++):
+# libdnnl + headers on GNU OpenMP, no other runtime. PyPI's newer `onednn` 2026.x is a SYCL build
+# on TBB that pulls Intel's compiler, SYCL and OpenCL runtimes.
+ONEDNN = ["onednn-cpu-gomp==2023.2.0", "onednn-devel-cpu-gomp==2023.2.0"]
 DEV = [
     "pytest>=8",
     "pytest-xdist>=3.6",  # pytest.ini: one worker per core, whole files per worker (module fixtures once)
@@ -57,9 +61,10 @@ setup(
     description="Offline embedding, FAISS indexing and search for Korean CLIP (KoCLIP) models",
     python_requires=">=3.10",
     packages=find_packages(include=["koclip", "koclip.*", "pipelines", "pipelines.*", "jobs", "jobs.*"]),
-    package_data={"koclip.data": ["vocab/*/*.json", "emoji_cldr_ko.jsonl", "emoji_cldr_ko.LICENSE", "common_queries_ko.txt"]},
+    package_data={"koclip.data": ["vocab/*/*.json", "emoji_cldr_ko.jsonl", "emoji_cldr_ko.LICENSE", "common_queries_ko.txt"],
+                  "koclip.modeling.onednn": ["matmul.cc"]},
     install_requires=CORE,
     extras_require={"train": TRAIN, "pipeline": PIPELINE, "gcs": GCS, "demo": DEMO, "app": APP, "serve": SERVE,
-                    "dev": DEV + DEMO + PIPELINE + GCS + APP + SERVE},
+                    "onednn": ONEDNN, "dev": DEV + DEMO + PIPELINE + GCS + APP + SERVE + ONEDNN},
     entry_points={"console_scripts": ["koclip=koclip.cli.main:main"]},
 )

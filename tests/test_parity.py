@@ -13,10 +13,14 @@ import torch
 
 import hf_models
 from koclip import checkpoint
+from koclip.modeling import onednn
 from koclip.modeling.bert import BertModel
 from koclip.modeling.vision import ClipVisionModel, VitModel
 
 TOL = 1e-4
+# Our dense layers' matmul: XLA's dot, and oneDNN's through the FFI call (skipped when it cannot be built).
+MATMULS = ["xla", pytest.param("onednn", marks=pytest.mark.skipif(
+    not onednn.load()["available"], reason="oneDNN matmul unavailable"))]
 
 
 def max_diff(ours, theirs) -> float:
@@ -33,29 +37,33 @@ def text_batch(pad_id: int, vocab: int = 120):
     return ids, mask
 
 
+@pytest.mark.parametrize("matmul", MATMULS)
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_text_encoder_matches_transformers(tmp_path, arch):
+def test_text_encoder_matches_transformers(tmp_path, arch, matmul):
     torch_model, path = getattr(hf_models, arch)(tmp_path / arch)
     config, params = checkpoint.import_text_encoder(path)
     ids, mask = text_batch(config.pad_token_id)
     with torch.no_grad():
         expected = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-    hidden, pooled = BertModel(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    with onednn.inference(matmul):
+        hidden, pooled = BertModel(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
     valid = mask.astype(bool)
     assert max_diff(np.asarray(hidden)[valid], expected.last_hidden_state[torch.tensor(valid)]) <= TOL
     assert max_diff(hidden, expected.last_hidden_state) <= TOL
     assert max_diff(pooled, expected.pooler_output) <= TOL
 
 
+@pytest.mark.parametrize("matmul", MATMULS)
 @pytest.mark.parametrize("arch,module", [("clip_vision", ClipVisionModel), ("clip", ClipVisionModel), ("vit", VitModel)])
-def test_vision_encoder_matches_transformers(tmp_path, arch, module):
+def test_vision_encoder_matches_transformers(tmp_path, arch, module, matmul):
     torch_model, path = getattr(hf_models, arch)(tmp_path / arch)
     imported = checkpoint.import_vision_encoder(path)
     pixels = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
     tower = torch_model.vision_model if arch == "clip" else torch_model
     with torch.no_grad():
         expected = tower(pixel_values=torch.tensor(pixels))
-    hidden, pooled, _ = module(imported.config).apply({"params": imported.params}, pixels.transpose(0, 2, 3, 1))
+    with onednn.inference(matmul):
+        hidden, pooled, _ = module(imported.config).apply({"params": imported.params}, pixels.transpose(0, 2, 3, 1))
     assert max_diff(hidden, expected.last_hidden_state) <= TOL
     assert max_diff(pooled, expected.pooler_output) <= TOL
     if arch == "clip":

@@ -16,6 +16,7 @@ import numpy as np
 from koclip.config import HybridCLIPConfig
 from koclip.modeling.bert import BertModel
 from koclip.modeling.clip_text import ClipTextModel
+from koclip.modeling import onednn
 from koclip.modeling.layers import dense
 from koclip.modeling.vision import vision_model_class
 
@@ -72,13 +73,18 @@ class KoCLIP:
 
     Inputs: token ids and attention mask int32 [B, T]; pixels float32 NHWC [B, S, S, 3],
     normalised as koclip.processing does. Outputs are float32 whatever the compute dtype.
+    The encode functions (inference) run the dense layers' matmuls through oneDNN where
+    koclip.modeling.onednn.status() says so; contrastive_logits (training) keeps XLA's dot.
     """
 
-    def __init__(self, config: HybridCLIPConfig, dtype: str = "float32"):
+    def __init__(self, config: HybridCLIPConfig, dtype: str = "float32", matmul: str | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
         self.config = config
         self.dtype = dtype
+        # "auto", "onednn" or "xla" (koclip.modeling.onednn); None: $KOCLIP_MATMUL, else auto.
+        # Fixed per instance: jit caches a trace per bound method, so a change needs a new KoCLIP.
+        self.matmul = onednn.setting(matmul)
         self.module = HybridCLIP(config, DTYPES[dtype])
 
     def dummy_inputs(self, batch: int = 1):
@@ -105,18 +111,21 @@ class KoCLIP:
 
     def encode_text(self, params, input_ids, attention_mask):
         """[B, T] ids and mask -> L2-normalised text embeddings [B, D]."""
-        out = self.module.apply({"params": self.cast_params(params)}, input_ids, attention_mask,
-                                method=HybridCLIP.text_features)
+        with onednn.inference(self.matmul):
+            out = self.module.apply({"params": self.cast_params(params)}, input_ids, attention_mask,
+                                    method=HybridCLIP.text_features)
         return l2_normalize(out)
 
     def encode_image(self, params, pixels):
         """[B, S, S, 3] pixels -> L2-normalised image embeddings [B, D]."""
-        out = self.module.apply({"params": self.cast_params(params)}, pixels, method=HybridCLIP.image_features)
+        with onednn.inference(self.matmul):
+            out = self.module.apply({"params": self.cast_params(params)}, pixels, method=HybridCLIP.image_features)
         return l2_normalize(out)
 
     def encode_patches(self, params, pixels):
         """[B, S, S, 3] pixels -> L2-normalised per-patch embeddings [B, P, D], row-major patch order."""
-        out = self.module.apply({"params": self.cast_params(params)}, pixels, method=HybridCLIP.patch_features)
+        with onednn.inference(self.matmul):
+            out = self.module.apply({"params": self.cast_params(params)}, pixels, method=HybridCLIP.patch_features)
         return l2_normalize(out)
 
     def logit_scale(self, params):

@@ -7,6 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from koclip.modeling import onednn
+
 
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
@@ -29,7 +31,23 @@ def activation(name: str):
         raise ValueError(f"activation {name!r} is not supported; expected one of {sorted(ACTIVATIONS)}") from None
 
 
+def _is_dense_contraction(lhs, rhs, dimension_numbers) -> bool:
+    """[..., K] x [K, N]: nn.Dense's dot."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    return rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
+
+
+def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """nn.Dense's dot: oneDNN's matmul inside KoCLIP's encode functions when koclip.modeling.onednn
+    says so (decided at trace time), else XLA's dot."""
+    if onednn.active(lhs.dtype) and _is_dense_contraction(lhs, rhs, dimension_numbers) and lhs.dtype == rhs.dtype:
+        return onednn.matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
+
+
 def _dot_general_f32_accumulate(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    if onednn.active(lhs.dtype) and _is_dense_contraction(lhs, rhs, dimension_numbers) and lhs.dtype == rhs.dtype:
+        return onednn.matmul(lhs, rhs)  # accumulates in float32, rounds once to lhs's dtype
     out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                               preferred_element_type=jnp.float32)
     return out.astype(lhs.dtype)
@@ -41,8 +59,10 @@ def dense(features: int, dtype, name: str, use_bias: bool = True, kernel_init=nn
     XLA on CPU runs a bfloat16 x bfloat16 -> bfloat16 dot by converting both operands to float32
     (no faster than float32), but a bfloat16 dot with a float32 result natively, about twice
     as fast (measured by bench/encoders.py). The result is cast back to the compute dtype.
+    Inside KoCLIP's encode functions the dot may run as oneDNN's matmul instead
+    (koclip.modeling.onednn).
     """
-    dot = jax.lax.dot_general if dtype == jnp.float32 else _dot_general_f32_accumulate
+    dot = _dot_general if dtype == jnp.float32 else _dot_general_f32_accumulate
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, dot_general=dot, name=name)
 
 
