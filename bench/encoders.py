@@ -24,12 +24,19 @@ none of the documented XLA:CPU flags (oneDNN/XNNPACK/YNNPACK fusion types, xla_c
 xla_allow_excess_precision) changes that, so koclip.modeling's dense layers and attention ask
 for float32 results from bf16 operands, which run natively.
 
+`--matmul` chooses the matmul of our dense layers (koclip.modeling.onednn): `auto` (the default,
+what users get), `onednn` (oneDNN's matmul through a JAX FFI call; `onednn:P` with
+KOCLIP_ONEDNN_PARTS=P), `xla` (XLA's dot), or a comma-separated list to measure several in one
+run, each as its own "ours (flax, <matmul>)" row with its own ratio to the same torch row. The path that ran and why is printed and in the JSON.
+
     python -m bench.encoders                    # full run, a few minutes on 2 cores
     python -m bench.encoders --quick            # tiny configs, seconds (a smoke run)
+    python -m bench.encoders --matmul xla,onednn
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -48,7 +55,7 @@ import transformers
 from bench.common import (available_cores, cpu_snapshot, load_average, machine_info, other_load, print_table,
                           summarize, timed, timed_result, write_json)
 from koclip.config import CLIP_TEXT_DEFAULTS, HybridCLIPConfig, TextConfig, VisionConfig, tiny_config
-from koclip.modeling import KoCLIP
+from koclip.modeling import KoCLIP, onednn
 
 DTYPES = ("float32", "bfloat16")
 TORCH_BF16_USABLE = 0.25  # torch bf16 rows are measured when its bf16 matmul is at least this x its f32
@@ -190,9 +197,9 @@ def ours(tower: str, spec: dict, text_length: int):
                               text_length_buckets=(text_length,))
     params = KoCLIP(config, "float32").init(0)
 
-    def encode(dtype: str):
+    def encode(dtype: str, matmul: str = "auto"):
         """(encode function, params already in the compute dtype)."""
-        model = KoCLIP(config, dtype)
+        model = KoCLIP(config, dtype, matmul)
         return (model.encode_image if tower == "image" else model.encode_text), model.cast_params(params)
 
     return encode
@@ -216,8 +223,15 @@ def bench_tower(tower: str, spec: dict, args, torch_bf16: bool = True) -> list[d
     flops = flops_per_item(tower, spec, length)
     rows = []
     for dtype in sorted(args.dtypes, key=lambda d: d != "float32"):  # float32 first: torch converts in place
-        fn, params = encode(dtype)
-        compiled, compile_s = timed_result(lambda: jax.jit(fn).lower(params, *jax_inputs).compile())
+        runners, compile_times = {}, {}
+        for matmul in args.matmul:
+            setting, _, parts = matmul.partition(":")
+            fn, params = encode(dtype, setting)
+            with onednn_parts(parts):  # read when the function is traced
+                compiled, compile_s = timed_result(lambda: jax.jit(fn).lower(params, *jax_inputs).compile())
+            name = ours_name(matmul, args)
+            runners[name] = lambda compiled=compiled, params=params: compiled(params, *jax_inputs).block_until_ready()
+            compile_times[name] = compile_s
         model.to(getattr(torch, dtype))
         inputs = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in torch_inputs.items()}
 
@@ -225,10 +239,8 @@ def bench_tower(tower: str, spec: dict, args, torch_bf16: bool = True) -> list[d
             with torch.inference_mode():
                 return model(**inputs).pooler_output
 
-        runners = {"ours (flax)": lambda: compiled(params, *jax_inputs).block_until_ready(),
-                   "transformers (torch)": run_torch}
-        if dtype == "bfloat16" and not torch_bf16:
-            del runners["transformers (torch)"]
+        if dtype == "float32" or torch_bf16:
+            runners["transformers (torch)"] = run_torch
         warmup = {name: timed(run) for name, run in runners.items()}
         times = {name: [] for name in runners}
         start = cpu_snapshot()
@@ -236,6 +248,7 @@ def bench_tower(tower: str, spec: dict, args, torch_bf16: bool = True) -> list[d
             for name, run in runners.items():
                 times[name].append(timed(run))
         others = other_load(start, cpu_snapshot())
+        first = len(rows)
         for name in runners:
             stats = summarize(times[name])
             items_per_s = args.batch_size / stats["best_s"]
@@ -245,12 +258,41 @@ def bench_tower(tower: str, spec: dict, args, torch_bf16: bool = True) -> list[d
                 "items_per_s": items_per_s, "ms_per_batch": 1e3 * stats["best_s"],
                 "median_items_per_s": args.batch_size / stats["median_s"],
                 "gflop_per_item": flops / 1e9, "gflop_per_s": flops * items_per_s / 1e9,
-                "compile_s": compile_s if name.startswith("ours") else None,
+                "compile_s": compile_times.get(name),
+                "matmul": matmul_of(name, args),
                 "first_call_s": warmup[name], "other_processes_cores": others, **stats,
             })
-        if len(runners) == 2:
-            rows[-2]["ratio_ours_over_torch"] = rows[-2]["items_per_s"] / rows[-1]["items_per_s"]
+        if "transformers (torch)" in runners:
+            for row in rows[first:-1]:
+                row["ratio_ours_over_torch"] = row["items_per_s"] / rows[-1]["items_per_s"]
     return rows
+
+
+@contextlib.contextmanager
+def onednn_parts(parts: str):
+    """KOCLIP_ONEDNN_PARTS=parts (koclip.modeling.onednn.parts) while tracing, when given."""
+    old = os.environ.get("KOCLIP_ONEDNN_PARTS")
+    if parts:
+        os.environ["KOCLIP_ONEDNN_PARTS"] = parts
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KOCLIP_ONEDNN_PARTS", None)
+        else:
+            os.environ["KOCLIP_ONEDNN_PARTS"] = old
+
+
+def ours_name(matmul: str, args) -> str:
+    return "ours (flax)" if len(args.matmul) == 1 else f"ours (flax, {matmul})"
+
+
+def matmul_of(name: str, args) -> str | None:
+    """The matmul path a row of ours ran (resolved: "onednn" or "xla"), None for torch."""
+    for matmul in args.matmul:
+        if name == ours_name(matmul, args):
+            return onednn.status(matmul.partition(":")[0])["matmul"]
+    return None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -264,7 +306,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", choices=TOWERS, help="measure one tower only")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of float32,bfloat16")
     p.add_argument("--quick", action="store_true", help="tiny configs, one repeat: a smoke run in seconds")
+    p.add_argument("--matmul", default="auto",
+                   help="our dense layers' matmul: auto, onednn or xla, or a comma-separated list (default auto); "
+                        "onednn:P traces with KOCLIP_ONEDNN_PARTS=P")
     args = p.parse_args(argv)
+    args.matmul = list(dict.fromkeys(m.strip().lower() for m in args.matmul.split(",") if m.strip()))
+    if not args.matmul or {m.partition(":")[0] for m in args.matmul} - set(onednn.BACKENDS) or any(
+            p and not p.lstrip("-").isdigit() for p in (m.partition(":")[2] for m in args.matmul)):
+        p.error(f"--matmul must be a comma-separated subset of {','.join(onednn.BACKENDS)}")
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not args.dtypes or set(args.dtypes) - set(DTYPES):
         p.error(f"--dtypes must be a comma-separated subset of {','.join(DTYPES)}")
@@ -285,6 +334,10 @@ def main(argv=None) -> dict:
     peak_runs = matmul_peak(peak_n, peak_repeats, probe["usable"])
     threads = {"torch_intra_op": torch.get_num_threads(), "xla_intra_op_observed": xla_threads(),
                "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    matmul_paths = {m: onednn.status(m.partition(":")[0]) for m in args.matmul}
+    for m, st in matmul_paths.items():
+        print(f"--matmul {m}: our dense layers run {st['matmul']} ({st['reason']}"
+              + (f"; oneDNN {st['onednn_version']}" if st.get("onednn_version") else "") + ")")
     print(f"{cores} cores available; torch threads {threads['torch_intra_op']}; XLA CPU pool "
           f"{threads['xla_intra_op_observed']} threads (sized from the CPU affinity); "
           f"XLA_FLAGS={threads['xla_flags']!r}; load average {load_at_start}")
@@ -314,6 +367,7 @@ def main(argv=None) -> dict:
                                 torch=torch.__version__, transformers=transformers.__version__),
         "load_average_at_start": load_at_start,
         "threads": threads,
+        "matmul_paths": matmul_paths,
         "settings": vars(args),
         "configs": specs,
         "matmul_peak_gflops": {"n": peak_n, "runs": peak_runs, "by_dtype": peaks},

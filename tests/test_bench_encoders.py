@@ -36,3 +36,26 @@ def test_quick_run_writes_all_rows(tmp_path, monkeypatch, capsys):
     assert data["machine"]["cores_available"] >= 1 and data["machine"]["torch"]
     assert data["threads"]["torch_intra_op"] == data["machine"]["cores_available"]
     assert "ours/torch" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a benchmark smoke run of one tower (about 15 s)
+def test_each_matmul_gets_its_own_row_and_ratio(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench import encoders
+    from koclip.modeling import onednn
+
+    out = tmp_path / "x.json"
+    encoders.main(["--quick", "--only", "text", "--dtypes", "float32", "--matmul", "xla,onednn:2", "--out", str(out)])
+
+    data = json.loads(out.read_text())
+    rows = {r["framework"]: r for r in data["rows"]}
+    assert set(rows) == {"ours (flax, xla)", "ours (flax, onednn:2)", "transformers (torch)"}
+    built = onednn.load()["available"]
+    assert rows["ours (flax, xla)"]["matmul"] == "xla"
+    assert rows["ours (flax, onednn:2)"]["matmul"] == ("onednn" if built else "xla")
+    assert rows["transformers (torch)"]["matmul"] is None
+    for name in ("ours (flax, xla)", "ours (flax, onednn:2)"):
+        assert rows[name]["ratio_ours_over_torch"] == pytest.approx(
+            rows[name]["items_per_s"] / rows["transformers (torch)"]["items_per_s"])
+    assert data["matmul_paths"]["xla"]["matmul"] == "xla"
+    assert "--matmul xla: our dense layers run xla" in capsys.readouterr().out
