@@ -181,8 +181,13 @@ def active(dtype=None) -> bool:
 
 def parts() -> int:
     """Row blocks per call: 0 = one oneDNN call on its own OpenMP threads; P > 0 = P single-threaded
-    oneDNN calls on XLA's intra-op pool and the calling thread ($KOCLIP_ONEDNN_PARTS, read at trace)."""
-    return int(os.environ.get("KOCLIP_ONEDNN_PARTS", "0"))
+    oneDNN calls on XLA's intra-op pool and the calling thread ($KOCLIP_ONEDNN_PARTS, read at trace).
+    Default: one block per core of this process's CPU affinity (XLA's pool is as large), which
+    bench.encoders measured faster than 0 in bfloat16 (bench/results/encoders-xeon-amx-onednn.json)."""
+    value = os.environ.get("KOCLIP_ONEDNN_PARTS")
+    if value:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _call(x2, w, bias, out_dtype):
