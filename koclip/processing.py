@@ -63,7 +63,7 @@ def _wide_grayscale_to_l(image: Image.Image) -> Image.Image:
         values = np.nan_to_num(values)
         full_scale = 1.0 if values.max(initial=0) <= 1.0 else 255.0
     scaled = np.rint(np.clip(values, 0, full_scale) * (255.0 / full_scale))
-    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    return Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -57,7 +57,7 @@ def write_corpus(folder: str) -> tuple[list[dict], dict[str, str]]:
     add("cmyk", "cmyk.jpg", "embedded")
 
     wide = (np.arange(40 * 48, dtype=np.uint16).reshape(40, 48) * 30)
-    Image.fromarray(wide, mode="I;16").save(p("gray16.png"))
+    Image.fromarray(wide).save(p("gray16.png"))  # uint16: mode I;16
     add("gray16", "gray16.png", "embedded")
 
     palette = _photo(12).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)

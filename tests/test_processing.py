@@ -98,7 +98,7 @@ def test_open_image_from_local_and_memory_paths(tmp_path):
 
 def test_grayscale_becomes_gray_rgb():
     gray = np.arange(60, dtype=np.uint8).reshape(6, 10) * 4
-    image = open_image(encode(Image.fromarray(gray, mode="L"), "PNG"))
+    image = open_image(encode(Image.fromarray(gray), "PNG"))
     pixels = np.asarray(image)
     assert image.mode == "RGB" and pixels.shape == (6, 10, 3)
     for channel in range(3):
@@ -128,7 +128,7 @@ def test_transparent_rgba_pixel_becomes_white():
     rgba = np.zeros((4, 4, 4), dtype=np.uint8)
     rgba[...] = (10, 200, 30, 255)
     rgba[0, 0] = (10, 200, 30, 0)
-    image = open_image(encode(Image.fromarray(rgba, mode="RGBA"), "PNG"))
+    image = open_image(encode(Image.fromarray(rgba), "PNG"))
     assert image.getpixel((0, 0)) == (255, 255, 255)
     assert image.getpixel((2, 3)) == (10, 200, 30)
 
