@@ -146,3 +146,35 @@ def test_auto_uses_onednn_for_the_measured_dtypes_only(dtype):
     hlo = jax.jit(model.encode_text).lower(params, ids, mask).as_text()
     expected = onednn.status("auto")["matmul"] == "onednn" and dtype in onednn.AUTO_DTYPES
     assert ("koclip_onednn_matmul" in hlo) == expected
+
+
+def test_dense_activation_has_nn_denses_parameters():
+    import flax.linen as nn
+
+    from koclip.modeling.layers import DenseActivation, activation
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 12)), jnp.float32)
+    ours = DenseActivation(20, "gelu", name="fc")
+    theirs = nn.Dense(20, name="fc")
+    p_ours, p_theirs = ours.init(jax.random.PRNGKey(3), x), theirs.init(jax.random.PRNGKey(3), x)
+    assert jax.tree_util.tree_structure(p_ours) == jax.tree_util.tree_structure(p_theirs)
+    for a, b in zip(jax.tree_util.tree_leaves(p_ours), jax.tree_util.tree_leaves(p_theirs)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    p_theirs = jax.tree_util.tree_map(lambda a: a + 0.1, p_theirs)  # a nonzero bias
+    np.testing.assert_array_equal(np.asarray(ours.apply(p_theirs, x)),
+                                  np.asarray(activation("gelu")(theirs.apply(p_theirs, x))))
+
+
+@needs_onednn
+@pytest.mark.parametrize("act", sorted(onednn.POST_OPS))
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_fused_activation_matches_xla(act, dtype, tol):
+    rng = np.random.default_rng(5)
+    x, w, b = (jnp.asarray(rng.standard_normal(s) * c, dtype) for s, c in (((3, 7, 40), 1.0), ((40, 24), 0.2), (24, 1.0)))
+    got = jax.jit(lambda *a: onednn.dense_activation(*a, act))(x, w, b)
+    want = onednn._dense_act_reference(x, w, b, act)
+    assert got.dtype == x.dtype and got.shape == (3, 7, 24)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+    grad = jax.grad(lambda a: onednn.dense_activation(a, w, b, act).astype(jnp.float32).sum())(x)
+    want_grad = jax.grad(lambda a: onednn._dense_act_reference(a, w, b, act).astype(jnp.float32).sum())(x)
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(want_grad, np.float32), rtol=tol, atol=tol)

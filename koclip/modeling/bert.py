@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from koclip.config import TextConfig
-from koclip.modeling.layers import activation, dense, dot_product_attention, layer_norm, padding_bias, split_heads
+from koclip.modeling.layers import DenseActivation, dense, dot_product_attention, layer_norm, padding_bias, split_heads
 
 
 class BertEmbeddings(nn.Module):
@@ -82,8 +82,7 @@ class BertIntermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = dense(self.config.intermediate_size, self.dtype, "dense")(x)
-        return activation(self.config.hidden_act)(x)
+        return DenseActivation(self.config.intermediate_size, self.config.hidden_act, self.dtype, name="dense")(x)
 
 
 class BertLayer(nn.Module):

@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from koclip.modeling.layers import activation, dense, dot_product_attention, layer_norm, split_heads
+from koclip.modeling.layers import DenseActivation, dense, dot_product_attention, layer_norm, split_heads
 
 
 class ClipAttention(nn.Module):
@@ -35,7 +35,7 @@ class ClipMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        x = activation(cfg.hidden_act)(dense(cfg.intermediate_size, self.dtype, "fc1")(x))
+        x = DenseActivation(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="fc1")(x)
         return dense(cfg.hidden_size, self.dtype, "fc2")(x)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -64,6 +65,34 @@ def dense(features: int, dtype, name: str, use_bias: bool = True, kernel_init=nn
     """
     dot = _dot_general if dtype == jnp.float32 else _dot_general_f32_accumulate
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, dot_general=dot, name=name)
+
+
+class DenseActivation(nn.Module):
+    """activation(dense(x)): the first MLP layer of a transformer block.
+
+    Its parameters are nn.Dense's (`kernel` [in, features], `bias` [features], the same
+    initializers, drawn in the same order), so it stands where `dense(...)` followed by
+    `activation(...)` stood. Inside KoCLIP's encode functions, when oneDNN's matmul is on
+    (koclip.modeling.onednn), bias and activation run as oneDNN post-ops of the matmul on its
+    float32 accumulator, saving a pass over the [tokens, intermediate] activations; otherwise it
+    computes exactly what nn.Dense + activation do.
+    """
+
+    features: int
+    act: str
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if onednn.active(x.dtype) and self.act in onednn.POST_OPS:
+            return onednn.dense_activation(x, kernel, bias, self.act)
+        dot = _dot_general if self.dtype == jnp.float32 else _dot_general_f32_accumulate
+        y = dot(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return activation(self.act)(y + bias)
 
 
 def layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from koclip.config import VisionConfig
 from koclip.modeling.clip_encoder import ClipEncoder
-from koclip.modeling.layers import activation, dense, dot_product_attention, layer_norm, split_heads
+from koclip.modeling.layers import DenseActivation, activation, dense, dot_product_attention, layer_norm, split_heads
 
 
 def patchify(config: VisionConfig, dtype, use_bias: bool, name: str) -> nn.Conv:
@@ -137,8 +137,7 @@ class VitIntermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = dense(self.config.intermediate_size, self.dtype, "dense")(x)
-        return activation(self.config.hidden_act)(x)
+        return DenseActivation(self.config.intermediate_size, self.config.hidden_act, self.dtype, name="dense")(x)
 
 
 class VitLayer(nn.Module):

@@ -190,14 +190,21 @@ def parts() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _call(x2, w, bias, out_dtype):
+# Activations oneDNN applies as a post-op of the bias handler: name -> (code in matmul.cc, alpha).
+POST_OPS = {"gelu": (1, 0.0), "gelu_new": (2, 0.0), "gelu_pytorch_tanh": (2, 0.0), "quick_gelu": (3, 1.702),
+            "relu": (4, 0.0), "tanh": (5, 0.0)}
+
+
+def _call(x2, w, bias, out_dtype, act: str | None = None):
     info = load()  # registers the FFI targets on first use
     if not info["available"]:
         raise RuntimeError(info["reason"])
     out = jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), out_dtype)
     if bias is None:
         return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x2, w, parts=np.int64(parts()))
-    return jax.ffi.ffi_call(TARGET_BIAS, out, vmap_method="sequential")(x2, w, bias, parts=np.int64(parts()))
+    code, alpha = POST_OPS[act] if act else (0, 0.0)
+    return jax.ffi.ffi_call(TARGET_BIAS, out, vmap_method="sequential")(
+        x2, w, bias, parts=np.int64(parts()), activation=np.int64(code), alpha=np.float32(alpha))
 
 
 @jax.custom_vjp
@@ -230,7 +237,41 @@ def matmul(x, w):
     return y.reshape(*lead, w.shape[1])
 
 
-def matmul_bias(x, w, b, out_dtype=None):
-    """x [M, K] @ w [K, N] + b [N] -> [M, N] (out_dtype, default x's), bias added in float32 inside
-    oneDNN. No gradient: for tests and inference only."""
-    return _call(x, w, b, out_dtype or x.dtype)
+def matmul_bias(x, w, b, out_dtype=None, act: str | None = None):
+    """act(x [M, K] @ w [K, N] + b [N]) -> [M, N] (out_dtype, default x's): bias and activation (a
+    name in POST_OPS) applied in float32 inside oneDNN. No gradient: for tests."""
+    return _call(x, w, b, out_dtype or x.dtype, act)
+
+
+def _dense_act_reference(x, w, b, act: str):
+    from koclip.modeling.layers import activation  # layers imports this module
+
+    y = jnp.matmul(x, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
+    return activation(act)(y).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dense_act_2d(x2, w, b, act):
+    return _call(x2, w, b, x2.dtype, act)
+
+
+def _dense_act_fwd(x2, w, b, act):
+    return _dense_act_2d(x2, w, b, act), (x2, w, b)
+
+
+def _dense_act_bwd(act, res, g):  # through XLA: recompute the layer and differentiate that
+    _, vjp = jax.vjp(lambda *a: _dense_act_reference(*a, act), *res)
+    return vjp(g)
+
+
+_dense_act_2d.defvjp(_dense_act_fwd, _dense_act_bwd)
+
+
+def dense_activation(x, w, b, act: str):
+    """act(x [..., K] @ w [K, N] + b [N]) in x's dtype, one oneDNN call (float32 accumulation, bias
+    and activation on the accumulator, one rounding)."""
+    if x.dtype != w.dtype or x.dtype != b.dtype or np.dtype(x.dtype) not in SUPPORTED or w.ndim != 2:
+        raise TypeError(f"oneDNN dense takes float32 or bfloat16 x, w, b of one dtype, got {x.dtype}, {w.dtype}, {b.dtype}")
+    lead = x.shape[:-1]
+    y = _dense_act_2d(x.reshape(-1, x.shape[-1]), w, b, act)
+    return y.reshape(*lead, w.shape[1])

@@ -1,7 +1,11 @@
 // XLA FFI handlers running a 2-D matmul (+ optional bias) with oneDNN on the CPU.
 //
 //   koclip_onednn_matmul       (x [M, K], w [K, N])          -> y [M, N]
-//   koclip_onednn_matmul_bias  (x [M, K], w [K, N], b [N])   -> y [M, N]
+//   koclip_onednn_matmul_bias  (x [M, K], w [K, N], b [N])   -> y [M, N] = act(x w + b)
+//
+// `activation` (bias handler) is applied by oneDNN as a post-op on the float32 accumulator:
+// 0 none, 1 GELU (erf), 2 GELU (tanh), 3 x * sigmoid(alpha x) (swish; CLIP's quick_gelu has
+// alpha 1.702), 4 ReLU, 5 tanh.
 //
 // x and w are both float32 or both bfloat16; b is float32 or bfloat16; y is float32 or bfloat16
 // (oneDNN accumulates in float32 and rounds once at the end). All buffers are dense row-major,
@@ -38,8 +42,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// m, k, n, x/w type, y type, bias type (undef: none), single-threaded
-using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int, bool>;
+// m, k, n, x/w type, y type, bias type (undef: none), single-threaded, activation, alpha
+using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int, bool, int64_t, float>;
 
 std::mutex& Lock() {
   static std::mutex m;
@@ -82,7 +86,20 @@ struct Operands {
   const char* b;
   char* y;
   size_t x_row, y_row;  // bytes per row of x and y
+  int64_t activation;
+  float alpha;
 };
+
+bool Activation(int64_t code, dnnl::algorithm* alg) {
+  switch (code) {
+    case 1: *alg = dnnl::algorithm::eltwise_gelu_erf; return true;
+    case 2: *alg = dnnl::algorithm::eltwise_gelu_tanh; return true;
+    case 3: *alg = dnnl::algorithm::eltwise_swish; return true;
+    case 4: *alg = dnnl::algorithm::eltwise_relu; return true;
+    case 5: *alg = dnnl::algorithm::eltwise_tanh; return true;
+    default: return false;
+  }
+}
 
 // One oneDNN matmul over rows [row, row + m) of x and y, on the calling thread's OpenMP setting
 // (single_thread: one thread).
@@ -99,7 +116,8 @@ void MatmulBlock(const Operands& op, int64_t row, int64_t m, bool single_thread)
       y_md({m, op.n}, op.yt, tag::ab);
   dnnl::memory::desc b_md;
   if (op.b != nullptr) b_md = dnnl::memory::desc({1, op.n}, op.bt, tag::ab);
-  Key key{m, op.k, op.n, static_cast<int>(op.xt), static_cast<int>(op.yt), static_cast<int>(op.bt), single_thread};
+  Key key{m, op.k, op.n, static_cast<int>(op.xt), static_cast<int>(op.yt), static_cast<int>(op.bt), single_thread,
+          op.activation, op.alpha};
   Entry entry;
   {
     std::lock_guard<std::mutex> guard(Lock());
@@ -108,6 +126,12 @@ void MatmulBlock(const Operands& op, int64_t row, int64_t m, bool single_thread)
     if (it == cache.end()) {
       dnnl::primitive_attr attr;
       attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per call: calls may run at once
+      dnnl::algorithm alg;
+      if (Activation(op.activation, &alg)) {
+        dnnl::post_ops post;
+        post.append_eltwise(alg, op.alpha, 0.f);
+        attr.set_post_ops(post);
+      }
       dnnl::matmul::primitive_desc pd = op.b != nullptr
           ? dnnl::matmul::primitive_desc(Engine(), x_md, w_md, b_md, y_md, attr)
           : dnnl::matmul::primitive_desc(Engine(), x_md, w_md, y_md, attr);
@@ -157,7 +181,7 @@ struct Blocks {
 };
 
 ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, const ffi::AnyBuffer* b,
-               ffi::Result<ffi::AnyBuffer> y, int64_t parts) {
+               ffi::Result<ffi::AnyBuffer> y, int64_t parts, int64_t activation = 0, float alpha = 0.f) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("koclip_onednn_matmul: x, w and y must be 2-D");
@@ -168,6 +192,11 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, const f
     return ffi::Error::InvalidArgument("koclip_onednn_matmul: bias must be [N]");
   Operands op;
   op.bt = dnnl::memory::data_type::undef;
+  op.activation = activation;
+  op.alpha = alpha;
+  dnnl::algorithm unused;
+  if (activation != 0 && !Activation(activation, &unused))
+    return ffi::Error::InvalidArgument("koclip_onednn_matmul: unknown activation code");
   if (!ToDnnl(x.element_type(), &op.xt) || !ToDnnl(w.element_type(), &op.wt) || !ToDnnl(y->element_type(), &op.yt) ||
       (b != nullptr && !ToDnnl(b->element_type(), &op.bt)))
     return ffi::Error::InvalidArgument("koclip_onednn_matmul: only float32 and bfloat16 are supported");
@@ -211,8 +240,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
 }
 
 ffi::Error MatmulBias(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer b,
-                      ffi::Result<ffi::AnyBuffer> y, int64_t parts) {
-  return Run(pool, x, w, &b, y, parts);
+                      ffi::Result<ffi::AnyBuffer> y, int64_t parts, int64_t activation, float alpha) {
+  return Run(pool, x, w, &b, y, parts, activation, alpha);
 }
 
 }  // namespace
@@ -232,7 +261,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KoclipOnednnMatmulBias, MatmulBias,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("parts"));
+                                  .Attr<int64_t>("parts")
+                                  .Attr<int64_t>("activation")
+                                  .Attr<float>("alpha"));
 
 // The oneDNN version this library runs with, for reports ("3.2.0").
 extern "C" const char* koclip_onednn_version() {
