@@ -86,6 +86,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     variants = [json.loads(v) for v in args.variants]
 
+    info = machine_info()
+    previous = []
+    if args.append and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        previous = [r if "machine" in r else {**r, "machine": old.get("machine"), "smoke": old.get("smoke")}
+                    for r in old.get("runs", [])]
     rows = []
     for n, variant in enumerate(variants):
         with tempfile.TemporaryDirectory(prefix="demo-recipe-") as folder:
@@ -93,20 +100,15 @@ def main(argv=None) -> int:
             row = run(variant, out, args.smoke)
         rows.append(row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
-    info = machine_info()
+        # written after every variant, so a long invocation cut short keeps what it measured
+        write_json(args.out, {"machine": info, "smoke": args.smoke,
+                              "runs": previous + [{**r, "machine": info, "smoke": args.smoke} for r in rows]})
     print(f"\ndemo recipes on emoji-ko ({info['cpu_model']}, {info['cores_available']} cores)")
     print_table(["variant", "steps", "train s", "val label MRR@10", "val MRR@10", "query top-5", "train loss",
                  "val loss"],
                 [[json.dumps(r["variant"]), "+".join(map(str, r["steps"])), f"{r['train_seconds']:.0f}",
                   f"{r['val_label_mrr@10']:.4f}", f"{r['val_t2i_mrr@10']:.4f}", f"{r['query_top5']:.0%}",
                   f"{r['train_loss']:.3f}", f"{r['val_loss']:.3f}"] for r in rows])
-    runs = [{**r, "machine": info, "smoke": args.smoke} for r in rows]
-    if args.append and os.path.exists(args.out):
-        with open(args.out) as f:
-            old = json.load(f)
-        runs = [r if "machine" in r else {**r, "machine": old.get("machine"), "smoke": old.get("smoke")}
-                for r in old.get("runs", [])] + runs
-    write_json(args.out, {"machine": info, "smoke": args.smoke, "runs": runs})
     print(f"wrote {args.out}")
     return 0
 

@@ -49,7 +49,7 @@ class TrainConfig:
     augment: bool = True
     label_probability: float = 0.0  # 0: captions drawn uniformly; p: the first caption with probability p
     captions_per_image: int = 1  # 1: one drawn caption per image a step; K: up to K (0: all), multi-positive loss
-    text_rows: int = 0  # text rows a multi-caption step packs its captions into (0: batch_size * K)
+    text_rows: int = 0  # > 0 (or K != 1): captions packed by length into this many text rows a step (0: batch_size * K)
     cache_images: bool = False
     train_split: str = "train"
     eval_split: str = "val"
@@ -156,17 +156,19 @@ def _emoji_manifest() -> str:
 
 
 def demo_config(out: str = "demo") -> TrainConfig:
-    """The demo recipe: 210 steps on the new parts (ViT, Korean word embeddings, projections) at
-    lr 1e-3, then 390 on everything at 3e-4; batch 64 at 32 px, no text dropout (chosen on
-    validation at equal wall time: bench/results/demo_recipe.json). Each step an item draws one of its
-    captions uniformly (emoji-ko: name, CLDR label, keywords; about 7 per emoji), and batch rows
-    with the same caption are positives of each other (jobs.train.contrastive_loss)."""
+    """The demo recipe: 128 images a step, each giving its first caption (emoji-ko: the emoji's
+    name) and one other drawn from its CLDR label and keywords, as 256 text rows packed by token
+    length; multi-positive loss (jobs.train.multi_positive_loss: a caption's positives are the
+    images of the batch that have its text). 110 steps on the new parts (ViT, Korean word
+    embeddings, projections) at lr 1e-3, then 220 on everything at 3e-4; 32 px, no text dropout.
+    Chosen on validation at equal wall time: bench/results/demo_recipe.json."""
     return TrainConfig(
         manifest="", out=_cache(out),
-        phases=(Phase(steps=210, trainable=DEMO_NEW_PARTS, learning_rate=1e-3, warmup_steps=20),
-                Phase(steps=390, trainable=EVERYTHING, learning_rate=3e-4, warmup_steps=30)),
-        optimizer="adabelief", batch_size=64, cache_images=True, checkpoint_every=100,
-        eval_every=200,  # 3 validations: emoji-ko's ~7 captions per image make each one long
+        phases=(Phase(steps=110, trainable=DEMO_NEW_PARTS, learning_rate=1e-3, warmup_steps=20),
+                Phase(steps=220, trainable=EVERYTHING, learning_rate=3e-4, warmup_steps=30)),
+        optimizer="adabelief", batch_size=128, captions_per_image=2, text_rows=256,
+        cache_images=True, checkpoint_every=100,
+        eval_every=200,  # 2 validations: emoji-ko's ~7 captions per image make each one long
     )
 
 

@@ -8,7 +8,8 @@ Caption sampling: with `label_probability` 0 an item's captions are drawn unifor
 its first caption (emoji-ko: the emoji's name) is drawn with probability p and the others
 (CLDR label and keywords) uniformly otherwise. An item with one caption always gives it.
 
-Several captions per image in one step (`captions_per_image` K != 1, `multi_batch`): each item
+Several captions per image in one step (`captions_per_image` K != 1, or `text_rows` given:
+`multi_batch`): each item
 gives up to K of its captions (0: all), its first caption (the label) always among them, and every
 caption is a text row of the step, so one image forward serves all its captions. The rows are
 packed into a fixed number of text rows (`text_rows`; the extra non-label captions of an
@@ -61,7 +62,8 @@ class PairBatches:
             raise UsageError(f"captions_per_image must be >= 0 (0: all), got {captions_per_image}")
         self.captions_per_image = captions_per_image
         self.text_rows = text_rows or batch_size * max(captions_per_image, 1)
-        if captions_per_image != 1 and (self.text_rows < batch_size or self.text_rows % 8):
+        self.multi = captions_per_image != 1 or text_rows > 0  # packed text rows, multi_batch
+        if self.multi and (self.text_rows < batch_size or self.text_rows % 8):
             raise UsageError(f"text_rows must be a multiple of 8 and at least batch_size, got {self.text_rows}")
         self.steps_per_epoch = len(records) // batch_size
         self.failed: dict[int, str] = {}  # record index -> reason
@@ -106,8 +108,11 @@ class PairBatches:
         return captions[1 + int(rng.integers(len(captions) - 1))]
 
     def item_captions(self, captions: tuple[str, ...], rng: np.random.Generator) -> list[str]:
-        """The captions one item gives to a multi-caption step: all, or the first and K-1 others."""
+        """The captions one item gives to a multi-caption step: all, or the first and K-1 others;
+        with K = 1 one caption drawn as `caption` does."""
         k = self.captions_per_image
+        if k == 1:
+            return [self.caption(captions, rng)]
         if k == 0 or len(captions) <= k:
             return list(captions)
         others = rng.choice(np.arange(1, len(captions)), size=k - 1, replace=False)
@@ -135,10 +140,6 @@ class PairBatches:
         ids, mask = tokenize(self.tokenizer, [c for _, c in items], self.config.text_length_buckets,
                              self.config.max_text_length)
         return ids, mask, pixels
-
-    @property
-    def multi(self) -> bool:
-        return self.captions_per_image != 1
 
     def multi_batch(self, step: int):
         """(ids_short [R1, L1], mask_short, ids_long [R2, L2], mask_long, pixels [B, S, S, 3],

@@ -105,6 +105,18 @@ def test_an_overfull_batch_drops_keywords_never_labels_and_k_caps_each_image(man
         batches(manifest, tokenizer, captions_per_image=0, text_rows=12)
 
 
+def test_one_caption_per_image_packed_draws_as_the_plain_batches_do(manifest, tokenizer):
+    packed = batches(manifest, tokenizer, captions_per_image=1, text_rows=8)
+    plain = batches(manifest, tokenizer)
+    assert packed.multi and not plain.multi
+    for step in range(3):
+        texts, *_, valid = rows_of(packed, step)
+        ids, mask, _ = plain.batch(step)
+        drawn = [tokenizer.decode(row[m.astype(bool)], skip_special_tokens=True).replace(" ", "")
+                 for row, m in zip(ids, mask)]
+        assert int(valid.sum()) == 4 and sorted(t for t, v in zip(texts, valid) if v) == sorted(drawn)
+
+
 def _log_softmax(x, axis):
     x = x - x.max(axis=axis, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
