@@ -171,10 +171,13 @@ def test_dense_activation_has_nn_denses_parameters():
 def test_fused_activation_matches_xla(act, dtype, tol):
     rng = np.random.default_rng(5)
     x, w, b = (jnp.asarray(rng.standard_normal(s) * c, dtype) for s, c in (((3, 7, 40), 1.0), ((40, 24), 0.2), (24, 1.0)))
-    got = jax.jit(lambda *a: onednn.dense_activation(*a, act))(x, w, b)
-    want = onednn._dense_act_reference(x, w, b, act)
+    from koclip.modeling.layers import activation
+
+    fn = activation(act)
+    got = jax.jit(lambda *a: onednn.dense_activation(*a, act, fn))(x, w, b)
+    want = onednn._dense_act_reference(x, w, b, fn)
     assert got.dtype == x.dtype and got.shape == (3, 7, 24)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
-    grad = jax.grad(lambda a: onednn.dense_activation(a, w, b, act).astype(jnp.float32).sum())(x)
-    want_grad = jax.grad(lambda a: onednn._dense_act_reference(a, w, b, act).astype(jnp.float32).sum())(x)
+    grad = jax.grad(lambda a: onednn.dense_activation(a, w, b, act, fn).astype(jnp.float32).sum())(x)
+    want_grad = jax.grad(lambda a: onednn._dense_act_reference(a, w, b, fn).astype(jnp.float32).sum())(x)
     np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(want_grad, np.float32), rtol=tol, atol=tol)

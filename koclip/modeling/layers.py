@@ -89,7 +89,7 @@ class DenseActivation(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if onednn.active(x.dtype) and self.act in onednn.POST_OPS:
-            return onednn.dense_activation(x, kernel, bias, self.act)
+            return onednn.dense_activation(x, kernel, bias, self.act, activation(self.act))
         dot = _dot_general if self.dtype == jnp.float32 else _dot_general_f32_accumulate
         y = dot(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return activation(self.act)(y + bias)

@@ -243,35 +243,35 @@ def matmul_bias(x, w, b, out_dtype=None, act: str | None = None):
     return _call(x, w, b, out_dtype or x.dtype, act)
 
 
-def _dense_act_reference(x, w, b, act: str):
-    from koclip.modeling.layers import activation  # layers imports this module
-
+def _dense_act_reference(x, w, b, fn):
+    """fn(x @ w + b) through XLA, float32 accumulation, one rounding: what the fused call computes."""
     y = jnp.matmul(x, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
-    return activation(act)(y).astype(x.dtype)
+    return fn(y).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dense_act_2d(x2, w, b, act):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense_act_2d(x2, w, b, act, fn):
     return _call(x2, w, b, x2.dtype, act)
 
 
-def _dense_act_fwd(x2, w, b, act):
-    return _dense_act_2d(x2, w, b, act), (x2, w, b)
+def _dense_act_fwd(x2, w, b, act, fn):
+    return _dense_act_2d(x2, w, b, act, fn), (x2, w, b)
 
 
-def _dense_act_bwd(act, res, g):  # through XLA: recompute the layer and differentiate that
-    _, vjp = jax.vjp(lambda *a: _dense_act_reference(*a, act), *res)
+def _dense_act_bwd(act, fn, res, g):  # through XLA: recompute the layer and differentiate that
+    _, vjp = jax.vjp(lambda *a: _dense_act_reference(*a, fn), *res)
     return vjp(g)
 
 
 _dense_act_2d.defvjp(_dense_act_fwd, _dense_act_bwd)
 
 
-def dense_activation(x, w, b, act: str):
+def dense_activation(x, w, b, act: str, fn):
     """act(x [..., K] @ w [K, N] + b [N]) in x's dtype, one oneDNN call (float32 accumulation, bias
-    and activation on the accumulator, one rounding)."""
+    and activation on the accumulator, one rounding). `act` names the post-op (POST_OPS), `fn` is
+    the same activation in JAX (koclip.modeling.layers.activation(act)) for the gradient."""
     if x.dtype != w.dtype or x.dtype != b.dtype or np.dtype(x.dtype) not in SUPPORTED or w.ndim != 2:
         raise TypeError(f"oneDNN dense takes float32 or bfloat16 x, w, b of one dtype, got {x.dtype}, {w.dtype}, {b.dtype}")
     lead = x.shape[:-1]
-    y = _dense_act_2d(x.reshape(-1, x.shape[-1]), w, b, act)
+    y = _dense_act_2d(x.reshape(-1, x.shape[-1]), w, b, act, fn)
     return y.reshape(*lead, w.shape[1])
