@@ -158,7 +158,7 @@ def _emoji_manifest() -> str:
 def demo_config(out: str = "demo") -> TrainConfig:
     """The demo recipe: 128 images a step, each giving its first caption (emoji-ko: the emoji's
     name) and one other drawn from its CLDR label and keywords, as 256 text rows packed by token
-    length; multi-positive loss (jobs.train.multi_positive_loss: a caption's positives are the
+    length; multi-positive loss (jobs.train_steps.multi_positive_loss: a caption's positives are the
     images of the batch that have its text). 110 steps on the new parts (ViT, Korean word
     embeddings, projections) at lr 1e-3, then 220 on everything at 3e-4; 32 px, no text dropout.
     Chosen on validation at equal wall time: bench/results/demo_recipe.json."""

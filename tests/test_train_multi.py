@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from jobs.presets import EVERYTHING, PROJECTIONS, Phase, TrainConfig, tiny_model
-from jobs.train import contrastive_loss, multi_positive_loss, same_caption, train
+from jobs.train import train
+from jobs.train_steps import contrastive_loss, multi_positive_loss, same_caption
 from jobs.train_data import PairBatches
 from koclip.config import tiny_config
 from koclip.data.manifest import Item, write_manifest

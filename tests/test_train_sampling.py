@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from jobs.train import contrastive_loss, same_caption
+from jobs.train_steps import contrastive_loss, same_caption
 from jobs.train_data import PairBatches
 from koclip.data.manifest import Item
 from koclip.errors import UsageError
