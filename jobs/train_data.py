@@ -32,7 +32,7 @@ from PIL import Image
 from koclip.augment import AugmentConfig, augment
 from koclip.config import HybridCLIPConfig
 from koclip.errors import ManifestError, UsageError
-from koclip.processing import ImageDecodeError, bucket_length, open_image, preprocess_image, tokenize
+from koclip.processing import ImageDecodeError, open_image, pad_token_ids, preprocess_image, tokenize
 
 # Length buckets of the short chunk of multi-caption rows (the long chunk uses the model's).
 SHORT_BUCKETS = (8,)
@@ -130,12 +130,16 @@ class PairBatches:
                 return self._pixels(image, rng), caption
         raise ManifestError("no training image could be decoded (see the warnings above)")
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids [B, T], mask [B, T], pixels [B, S, S, 3]) for a global step."""
+    def _items(self, step: int, multi: bool = False) -> list:
+        """(pixels, caption or captions) of every slot of a global step's batch."""
         epoch, position = divmod(step, self.steps_per_epoch)
         order = self.order(epoch)
         starts = [position * self.batch_size + slot for slot in range(self.batch_size)]
-        items = list(self._pool.map(lambda a: self._slot(step, a[0], order, a[1]), enumerate(starts)))
+        return list(self._pool.map(lambda a: self._slot(step, a[0], order, a[1], multi), enumerate(starts)))
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids [B, T], mask [B, T], pixels [B, S, S, 3]) for a global step."""
+        items = self._items(step)
         pixels = np.stack([p for p, _ in items])
         ids, mask = tokenize(self.tokenizer, [c for _, c in items], self.config.text_length_buckets,
                              self.config.max_text_length)
@@ -146,10 +150,7 @@ class PairBatches:
         positives [R1 + R2, B] bool, valid [R1 + R2] bool) for a global step: text row r (short
         rows first) is a positive of image b when b gave that caption text, so a keyword that two
         images of the batch share is a right answer for both."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        order = self.order(epoch)
-        starts = [position * self.batch_size + slot for slot in range(self.batch_size)]
-        items = list(self._pool.map(lambda a: self._slot(step, a[0], order, a[1], multi=True), enumerate(starts)))
+        items = self._items(step, multi=True)
         pixels = np.stack([p for p, _ in items])
         rows = [(text, owner, i == 0) for owner, (_, texts) in enumerate(items) for i, text in enumerate(texts)]
         capacity = self.text_rows
@@ -168,13 +169,7 @@ class PairBatches:
         chunks = []
         for part, buckets in ((entries[:capacity - long_rows], SHORT_BUCKETS + tuple(self.config.text_length_buckets)),
                               (entries[capacity - long_rows:], tuple(self.config.text_length_buckets))):
-            length = bucket_length(max(len(e[0]) for e in part), buckets)
-            ids = np.full((len(part), length), self.tokenizer.pad_token_id, np.int32)
-            mask = np.zeros((len(part), length), np.int32)
-            for r, (row_ids, _, _) in enumerate(part):
-                ids[r, :len(row_ids)] = row_ids
-                mask[r, :len(row_ids)] = 1
-            chunks += [ids, mask]
+            chunks += pad_token_ids([e[0] for e in part], buckets, self.tokenizer.pad_token_id)
         owners: dict[str, set[int]] = {}
         for _, text, owner in entries:
             if text is not None:

@@ -338,6 +338,13 @@ def tokenize(tokenizer, texts: Sequence[str], buckets: Sequence[int],
         raise ValueError("the tokenizer has no pad token")
     texts = list(texts)
     encoded = tokenizer(texts, truncation=True, max_length=limit, padding=False)["input_ids"] if texts else []
+    return pad_token_ids(encoded, buckets, pad_id)
+
+
+def pad_token_ids(encoded: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists as ids and attention mask, int32 [N, L], L the smallest bucket that fits the
+    longest list."""
     length = bucket_length(max((len(ids) for ids in encoded), default=0), buckets)
     input_ids = np.full((len(encoded), length), pad_id, dtype=np.int32)
     attention_mask = np.zeros((len(encoded), length), dtype=np.int32)
