@@ -38,20 +38,30 @@ def _is_dense_contraction(lhs, rhs, dimension_numbers) -> bool:
     return rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
 
 
+def _onednn_dense(lhs, rhs, dimension_numbers) -> bool:
+    """Whether nn.Dense's dot runs as oneDNN's matmul: inside KoCLIP's encode functions when
+    koclip.modeling.onednn says so (decided at trace time)."""
+    return onednn.active(lhs.dtype) and _is_dense_contraction(lhs, rhs, dimension_numbers) and lhs.dtype == rhs.dtype
+
+
 def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """nn.Dense's dot: oneDNN's matmul inside KoCLIP's encode functions when koclip.modeling.onednn
-    says so (decided at trace time), else XLA's dot."""
-    if onednn.active(lhs.dtype) and _is_dense_contraction(lhs, rhs, dimension_numbers) and lhs.dtype == rhs.dtype:
+    """nn.Dense's dot: oneDNN's matmul where _onednn_dense says so, else XLA's dot."""
+    if _onednn_dense(lhs, rhs, dimension_numbers):
         return onednn.matmul(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision)
 
 
 def _dot_general_f32_accumulate(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    if onednn.active(lhs.dtype) and _is_dense_contraction(lhs, rhs, dimension_numbers) and lhs.dtype == rhs.dtype:
+    if _onednn_dense(lhs, rhs, dimension_numbers):
         return onednn.matmul(lhs, rhs)  # accumulates in float32, rounds once to lhs's dtype
     out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                               preferred_element_type=jnp.float32)
     return out.astype(lhs.dtype)
+
+
+def _dense_dot(dtype):
+    """The dot of a dense layer computing in `dtype` (float32 accumulation below float32)."""
+    return _dot_general if dtype == jnp.float32 else _dot_general_f32_accumulate
 
 
 def dense(features: int, dtype, name: str, use_bias: bool = True, kernel_init=nn.initializers.lecun_normal()) -> nn.Dense:
@@ -63,8 +73,8 @@ def dense(features: int, dtype, name: str, use_bias: bool = True, kernel_init=nn
     Inside KoCLIP's encode functions the dot may run as oneDNN's matmul instead
     (koclip.modeling.onednn).
     """
-    dot = _dot_general if dtype == jnp.float32 else _dot_general_f32_accumulate
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, dot_general=dot, name=name)
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, dot_general=_dense_dot(dtype),
+                    name=name)
 
 
 class DenseActivation(nn.Module):
@@ -90,8 +100,7 @@ class DenseActivation(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if onednn.active(x.dtype) and self.act in onednn.POST_OPS:
             return onednn.dense_activation(x, kernel, bias, self.act, activation(self.act))
-        dot = _dot_general if self.dtype == jnp.float32 else _dot_general_f32_accumulate
-        y = dot(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        y = _dense_dot(self.dtype)(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return activation(self.act)(y + bias)
 
 
